@@ -1,0 +1,74 @@
+"""Open a Molmo2 checkpoint (local directory in the hub's or transformers' layout, or a hub id) for export."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ExportError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded source: the transformers model (fp32, eval), its processor and where it came from."""
+
+    model: object
+    processor: object
+    source: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def rope_tables(self) -> dict[str, tuple[np.ndarray, float]]:
+        """inv_freq and attention scaling of the scaled and unscaled RoPE, read off the instantiated modules."""
+        lm = self.model.model.language_model
+        return {
+            kind: (module.inv_freq.detach().float().numpy(), float(module.attention_scaling))
+            for kind, module in (("scaled", lm.rotary_emb), ("unscaled", lm.rotary_emb_unscaled))
+        }
+
+
+def resolve_source(src: str) -> Path:
+    """A local checkpoint directory, or a hub id downloaded now (the only place molmocap touches the network)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path} has no config.json: not a Molmo2 checkpoint directory")
+        return path
+    if path.exists():
+        raise ExportError(f"{path} is not a directory")
+    if not HUB_ID.match(src):
+        raise ExportError(f"checkpoint not found: {src} (give a local directory or a hub id such as allenai/Molmo2-4B)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear line
+        raise ExportError(f"could not download {src} from the hub (offline? wrong id?): {exc}".splitlines()[0]) from None
+
+
+def load_checkpoint(src: str) -> Checkpoint:
+    """Load model and processor in fp32 with transformers, which converts the hub's original key layout."""
+    import torch
+    from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
+
+    path = resolve_source(src)
+    try:
+        model = Molmo2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"cannot load a Molmo2 model from {path}: {exc}".splitlines()[0]) from None
+    try:
+        processor = Molmo2Processor.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"cannot load the Molmo2 processor/tokenizer from {path}: {exc}".splitlines()[0]) from None
+    rope_type = model.config.text_config.rope_parameters.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ExportError(f"rope_type {rope_type!r} depends on sequence length and is not supported")
+    return Checkpoint(model=model, processor=processor, source=src)

@@ -1,0 +1,152 @@
+"""Checkpoint -> ONNX components + tokenizer + manifest, written atomically into one directory."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runtime.errors import ExportError
+from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .text import build_decoder, build_embed
+from .vision import build_adapter, build_vision
+from .weights import Weights
+
+QUANT_MODES = ("fp32",)
+PROMPT_SLOT = "{prompt}"
+IMAGE_TOKEN = "<|image|>"
+DEFAULT_TEMPLATE = IMAGE_TOKEN + "<|im_start|>user\n" + PROMPT_SLOT + "<|im_end|>\n<|im_start|>assistant\n"
+DEFAULT_CAPTION_PROMPT = "Describe this image."
+IMAGE_STRUCTURE_TOKENS = ("<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>",
+                          "<im_end>", "<frame_end>", "<im_low>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def prompt_template(processor) -> str:
+    """The checkpoint's chat template rendered for one image and one user turn, with `{prompt}` as the text slot."""
+    if not getattr(processor, "chat_template", None):
+        return DEFAULT_TEMPLATE
+    sentinel = "\x00MOLMOCAP_PROMPT\x00"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sentinel}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if rendered.count(sentinel) != 1 or rendered.count(IMAGE_TOKEN) != 1:
+        raise ExportError("the checkpoint's chat template does not place one image and one prompt")
+    return rendered.replace(sentinel, PROMPT_SLOT)
+
+
+def _token_ids(tokenizer, names) -> dict[str, int]:
+    ids = {}
+    for name in names:
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ExportError(f"the tokenizer lacks the Molmo2 special token {name}")
+        ids[name] = int(token_id)
+    return ids
+
+
+def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) -> dict:
+    cfg = ckpt.config
+    proc = ckpt.processor
+    tok = proc.tokenizer
+    ip = proc.image_processor
+    text, vision, adapter = cfg.text_config, cfg.vision_config, cfg.adapter_config
+    structure = _token_ids(tok, IMAGE_STRUCTURE_TOKENS)
+    stop = set(_token_ids(tok, [t for t in STOP_TOKENS if t in tok.get_vocab()]).values())
+    eos = ckpt.model.generation_config.eos_token_id
+    stop |= set([eos] if isinstance(eos, int) else eos or [])
+    bos = tok.bos_token or tok.eos_token
+    single_col = proc.use_single_crop_col_tokens
+    return {
+        "format": "molmocap",
+        "format_version": FORMAT_VERSION,
+        "source": ckpt.source,
+        "model_type": cfg.model_type,
+        "quant": quant,
+        "geometry": {
+            "vision": {"hidden_size": vision.hidden_size, "num_layers": vision.num_hidden_layers,
+                       "num_heads": vision.num_attention_heads, "head_dim": vision.head_dim,
+                       "patch_size": vision.patch_size, "image_size": list(vision.image_size),
+                       "num_patches": vision.num_position_embeddings},
+            "adapter": {"vision_feature_layer": list(adapter.vision_feature_layer),
+                        "intermediate_size": adapter.intermediate_size},
+            "text": {"hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
+                     "num_heads": text.num_attention_heads, "num_kv_heads": text.num_key_value_heads,
+                     "head_dim": text.head_dim, "intermediate_size": text.intermediate_size,
+                     "vocab_size": text.vocab_size, "additional_vocab_size": text.additional_vocab_size,
+                     "max_position_embeddings": text.max_position_embeddings,
+                     "qk_norm_type": text.qk_norm_type, "norm_after": text.norm_after},
+        },
+        "tokens": {
+            "bos": bos,
+            "bos_id": int(tok.convert_tokens_to_ids(bos)),
+            "image_patch_id": cfg.image_patch_id,
+            "image_structure_ids": sorted(set(structure.values())),
+            "named": structure,
+        },
+        "stop_token_ids": sorted(stop),
+        "prompt": {
+            "template": prompt_template(proc),
+            "image_token": IMAGE_TOKEN,
+            "default_caption_prompt": DEFAULT_CAPTION_PROMPT,
+            "image_use_col_tokens": bool(proc.image_use_col_tokens),
+            "use_single_crop_col_tokens": bool(proc.image_use_col_tokens if single_col is None else single_col),
+            "use_single_crop_start_token": bool(proc.use_single_crop_start_token),
+        },
+        "preprocess": {
+            "crop_size": ip.size["height"] if isinstance(ip.size, dict) else ip.size.height,
+            "patch_size": ip.patch_size,
+            "overlap_margins": list(ip.overlap_margins),
+            "pooling_size": list(ip.pooling_size),
+            "max_crops": ip.max_crops,
+            "image_mean": list(ip.image_mean),
+            "image_std": list(ip.image_std),
+            "rescale_factor": ip.rescale_factor,
+        },
+        "components": {"vision": "vision.onnx", "adapter": "adapter.onnx", "embed": "embed.onnx",
+                       "decoder": "decoder.onnx"},
+        "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(files)],
+    }
+
+
+def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
+           progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Export `src` to `out`. The directory appears whole or not at all: it is built beside `out` and renamed."""
+    if quant not in QUANT_MODES:
+        raise ExportError(f"unsupported quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    out = Path(out)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty (use --force to replace it)")
+    start = time.perf_counter()
+    progress(f"loading {src}")
+    ckpt = load_checkpoint(src)
+    cfg = ckpt.config
+    weights = Weights(ckpt.model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        steps = [
+            ("vision encoder", lambda: build_vision(work / "vision.onnx", weights, cfg.vision_config,
+                                                    cfg.adapter_config)),
+            ("adapter", lambda: build_adapter(work / "adapter.onnx", weights, cfg.adapter_config)),
+            ("embeddings", lambda: build_embed(work / "embed.onnx", weights, cfg.text_config)),
+            ("text decoder", lambda: build_decoder(work / "decoder.onnx", weights, cfg.text_config,
+                                                   ckpt.rope_tables())),
+        ]
+        for label, step in steps:
+            progress(f"building {label}")
+            step()
+        ckpt.processor.tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+        files = [f for f in work.iterdir() if f.is_file()]
+        write_json_atomic(work / MANIFEST_NAME, build_manifest(ckpt, quant, files, work))
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress(f"exported {src} to {out} in {time.perf_counter() - start:.1f} s")
+    return out

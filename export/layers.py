@@ -1,0 +1,79 @@
+"""Transformer building blocks emitted as ONNX nodes, written to mirror transformers' Molmo2 forward op for op.
+
+Every matrix product goes through `linear`, the single place where a quantized export swaps the fp32 MatMul for
+another kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .onnx_graph import GraphBuilder
+from .weights import Weights
+
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+def linear(g: GraphBuilder, x: str, w: Weights, prefix: str) -> str:
+    """`x @ W.T + b` for the torch Linear stored under `prefix` (bias only where the checkpoint has one)."""
+    weight = w.get(f"{prefix}.weight")
+    y = g.op("MatMul", [x, g.weight(f"{prefix}.weight_t", weight.T)], hint=f"{prefix}.out")
+    if w.has(f"{prefix}.bias"):
+        y = g.op("Add", [y, g.weight(f"{prefix}.bias", w.get(f"{prefix}.bias"))], hint=f"{prefix}.out")
+    return y
+
+
+def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    """RMSNorm over the last axis, computed in float32 like `Molmo2RMSNorm`."""
+    var = g.op("ReduceMean", [g.op("Mul", [x, x])], keepdims=1, axes=[-1])
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps)])])])
+    return g.op("Mul", [g.weight(f"{name}.weight", weight), g.op("Mul", [x, inv])], hint=f"{name}.out")
+
+
+def layer_norm(g: GraphBuilder, x: str, w: Weights, prefix: str, eps: float) -> str:
+    return g.op(
+        "LayerNormalization",
+        [x, g.weight(f"{prefix}.weight", w.get(f"{prefix}.weight")), g.weight(f"{prefix}.bias", w.get(f"{prefix}.bias"))],
+        axis=-1, epsilon=eps, hint=f"{prefix}.out",
+    )
+
+
+def gelu_tanh(g: GraphBuilder, x: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), torch's `gelu(approximate="tanh")`."""
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, g.const(0.044715)])]), g.const(np.sqrt(2.0 / np.pi))])
+    return g.op("Mul", [g.op("Mul", [x, g.const(0.5)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0)])])
+
+
+def silu(g: GraphBuilder, x: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def split_heads(g: GraphBuilder, x: str, heads: int, head_dim: int) -> str:
+    """[B, S, heads*head_dim] -> [B, heads, S, head_dim]."""
+    x = g.op("Reshape", [x, g.const([0, 0, heads, head_dim], np.int64)])
+    return g.op("Transpose", [x], perm=[0, 2, 1, 3])
+
+
+def merge_heads(g: GraphBuilder, x: str, heads: int, head_dim: int) -> str:
+    """[B, heads, S, head_dim] -> [B, S, heads*head_dim]."""
+    x = g.op("Transpose", [x], perm=[0, 2, 1, 3])
+    return g.op("Reshape", [x, g.const([0, 0, heads * head_dim], np.int64)])
+
+
+def attention(g: GraphBuilder, q: str, k: str, v: str, heads: int, kv_heads: int, head_dim: int,
+              bias: str | None) -> str:
+    """Softmax(q k^T * scale + bias) v with grouped KV heads, without materialising repeated keys.
+
+    q: [B, heads, S, D]; k, v: [B, kv_heads, T, D]; bias: additive, broadcastable to [B, 1, 1, S, T].
+    Query head h reads KV head h // (heads // kv_heads), as transformers' `repeat_kv` does.
+    """
+    group = heads // kv_heads
+    qg = g.op("Reshape", [q, g.const([0, kv_heads, group, -1, head_dim], np.int64)])
+    kt = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), g.const([2], np.int64)])
+    scores = g.op("Mul", [g.op("MatMul", [qg, kt]), g.const(head_dim**-0.5)])
+    if bias is not None:
+        scores = g.op("Add", [scores, bias])
+    probs = g.op("Softmax", [scores], axis=-1)
+    out = g.op("MatMul", [probs, g.op("Unsqueeze", [v, g.const([2], np.int64)])])
+    return g.op("Reshape", [out, g.const([0, heads, -1, head_dim], np.int64)])

@@ -1,0 +1,114 @@
+"""The token embedding table and the KV-cached text decoder as ONNX models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from . import layers
+from .onnx_graph import GraphBuilder
+from .weights import Weights
+
+LM = "model.language_model"
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) tensor names of one decoder layer."""
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+            f"present.{layer}.key", f"present.{layer}.value")
+
+
+def build_embed(path: Path, w: Weights, text_cfg) -> None:
+    """input_ids [batch, seq] -> inputs_embeds [batch, seq, hidden] over base + additional vocabulary rows."""
+    g = GraphBuilder(path)
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+    table = g.weight(f"{LM}.embed_tokens.weight", w.get(f"{LM}.embed_tokens.weight"))
+    g.output(g.op("Gather", [table, ids], axis=0), "inputs_embeds", TensorProto.FLOAT,
+             ["batch", "seq", text_cfg.hidden_size])
+    g.save()
+
+
+def _rope_tables(g: GraphBuilder, positions: str, inv_freq: np.ndarray, scaling: float, name: str) -> tuple[str, str]:
+    """cos, sin of shape [batch, 1, seq, head_dim], as `Molmo2RotaryEmbedding` computes them in float32."""
+    pos = g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT), g.const([-1], np.int64)])
+    freqs = g.op("Mul", [pos, g.weight(f"{name}.inv_freq", inv_freq.astype(np.float32))])
+    emb = g.op("Unsqueeze", [g.op("Concat", [freqs, freqs], axis=-1), g.const([1], np.int64)])
+    cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+    if scaling != 1.0:
+        cos, sin = g.op("Mul", [cos, g.const(scaling)]), g.op("Mul", [sin, g.const(scaling)])
+    return cos, sin
+
+
+def _apply_rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
+    x1, x2 = g.op("Split", [x], outputs=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]]) -> None:
+    """One step of the language model over `seq` new positions with a KV cache of `past` positions.
+
+    Inputs: inputs_embeds [batch, seq, hidden], position_ids [batch, seq], attention_bias [batch, 1, seq, past+seq]
+    (additive: 0 where attention is allowed, float32 min elsewhere; the runtime builds the Molmo2 image-block rule
+    into it), and the per-layer past keys/values. Outputs: next-token logits of the last position [batch, vocab]
+    and the per-layer present keys/values (past + new).
+    """
+    cfg = text_cfg
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = GraphBuilder(path)
+    x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size])
+    positions = g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+    bias = g.input("attention_bias", TensorProto.FLOAT, ["batch", 1, "seq", "total"])
+    bias = g.op("Unsqueeze", [bias, g.const([1], np.int64)])
+    tables = {kind: _rope_tables(g, positions, inv_freq, scaling, f"rope_{kind}")
+              for kind, (inv_freq, scaling) in rope.items()}
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"{LM}.layers.{i}"
+        past_k, past_v, present_k, present_v = kv_names(i)
+        g.input(past_k, TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
+        g.input(past_v, TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
+        in_norm = w.get(f"{p}.input_layernorm.weight")
+        post_norm = w.get(f"{p}.post_attention_layernorm.weight")
+
+        h = x if cfg.norm_after else layers.rms_norm(g, x, in_norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
+        q = layers.linear(g, h, w, f"{p}.self_attn.q_proj")
+        k = layers.linear(g, h, w, f"{p}.self_attn.k_proj")
+        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj"), kv_heads, head_dim)
+        q_norm, k_norm = w.get(f"{p}.self_attn.q_norm.weight"), w.get(f"{p}.self_attn.k_norm.weight")
+        if cfg.qk_norm_type == "olmo":
+            q = layers.rms_norm(g, q, q_norm, cfg.rms_norm_eps, f"{p}.self_attn.q_norm")
+            k = layers.rms_norm(g, k, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
+        q, k = layers.split_heads(g, q, heads, head_dim), layers.split_heads(g, k, kv_heads, head_dim)
+        if cfg.qk_norm_type == "qwen3":
+            q = layers.rms_norm(g, q, q_norm, cfg.rms_norm_eps, f"{p}.self_attn.q_norm")
+            k = layers.rms_norm(g, k, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
+        cos, sin = tables["scaled" if i in cfg.rope_scaling_layers else "unscaled"]
+        q, k = _apply_rope(g, q, cos, sin), _apply_rope(g, k, cos, sin)
+        k = g.op("Concat", [past_k, k], axis=2)
+        v = g.op("Concat", [past_v, v], axis=2)
+        g.output(k, present_k, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
+        g.output(v, present_v, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
+
+        a = layers.attention(g, q, present_k, present_v, heads, kv_heads, head_dim, bias)
+        a = layers.linear(g, layers.merge_heads(g, a, heads, head_dim), w, f"{p}.self_attn.o_proj")
+        if cfg.norm_after:
+            a = layers.rms_norm(g, a, in_norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
+        x = g.op("Add", [x, a])
+
+        h = x if cfg.norm_after else layers.rms_norm(g, x, post_norm, cfg.rms_norm_eps,
+                                                      f"{p}.post_attention_layernorm")
+        gate = layers.silu(g, layers.linear(g, h, w, f"{p}.mlp.gate_proj"))
+        h = layers.linear(g, g.op("Mul", [gate, layers.linear(g, h, w, f"{p}.mlp.up_proj")]), w,
+                          f"{p}.mlp.down_proj")
+        if cfg.norm_after:
+            h = layers.rms_norm(g, h, post_norm, cfg.rms_norm_eps, f"{p}.post_attention_layernorm")
+        x = g.op("Add", [x, h], hint=f"decoder.layer{i}.out")
+
+    last = g.op("Gather", [x, g.const(-1, np.int64)], axis=1)
+    last = layers.rms_norm(g, last, w.get(f"{LM}.norm.weight"), cfg.rms_norm_eps, f"{LM}.norm")
+    logits = layers.linear(g, last, w, "lm_head")
+    g.output(logits, "logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])
+    g.save()

@@ -1,0 +1,6 @@
+"""molmocap runtime: Molmo2 captioning on ONNX Runtime with numpy, Pillow and tokenizers only."""
+
+from .captioner import Captioner, Result
+from .errors import ExportError, InputError, ModelError, MolmocapError
+
+__all__ = ["Captioner", "Result", "MolmocapError", "InputError", "ModelError", "ExportError"]

@@ -1,0 +1,124 @@
+"""The public API: load an exported model, then turn (image, prompt) into text."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer
+
+from .decoder import Decoder, prefill_bias
+from .errors import InputError, ModelError
+from .image_io import load_image
+from .manifest import Manifest, load_manifest
+from .preprocess import PreprocessConfig, preprocess
+from .prompt import encode, prompt_text
+from .sessions import open_session
+from .vision import encode_image
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass
+class Result:
+    """Generated text with its token ids, the prompt length and where the time went (seconds)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Captioner:
+    """An exported Molmo2 model on ONNX Runtime: preprocessing, vision, prefill and greedy decoding."""
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, device: str = "cpu") -> None:
+        self.manifest = manifest
+        self.preprocess_config = PreprocessConfig.from_dict(manifest.preprocess)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(manifest.root / "tokenizer.json"))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"cannot read {manifest.root / 'tokenizer.json'}: {exc}") from None
+        sessions = {name: open_session(manifest.component(name), threads, device)
+                    for name in ("vision", "adapter", "embed", "decoder")}
+        self.vision, self.adapter, self.embed_session = sessions["vision"], sessions["adapter"], sessions["embed"]
+        self.decoder = Decoder(sessions["decoder"], manifest.geometry["text"])
+        tokens = manifest.tokens
+        self.image_patch_id = tokens["image_patch_id"]
+        self.structure_ids = tokens["image_structure_ids"]
+        self.reserved = [manifest.prompt["image_token"], *tokens["named"]]
+        self.stop_ids = set(manifest.stop_token_ids)
+        self.max_positions = manifest.geometry["text"]["max_position_embeddings"]
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, threads: int | None = None, device: str = "cpu") -> "Captioner":
+        """Open an exported model directory (see `molmocap export`)."""
+        return cls(load_manifest(Path(model_dir)), threads=threads, device=device)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        (embeds,) = self.embed_session.run(None, {"input_ids": ids})
+        return embeds
+
+    def generate(self, image: ImageSource, prompt: str | None = None, max_new_tokens: int = 128,
+                 max_crops: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
+        """Answer `prompt` (default: the model's caption prompt) about `image` by greedy decoding.
+
+        `on_text` receives the text as it grows, piece by piece, for streaming.
+        """
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
+        t0 = time.perf_counter()
+        inputs = preprocess(load_image(image), self.preprocess_config, max_crops)
+        text = prompt_text(prompt, inputs.grid, self.manifest.prompt, self.manifest.tokens["bos"], self.reserved)
+        ids = encode(self.tokenizer, text)
+        if len(ids) >= self.max_positions:
+            raise InputError(f"the prompt takes {len(ids)} tokens; this model has {self.max_positions} positions")
+        max_new_tokens = min(max_new_tokens, self.max_positions - len(ids))
+        t1 = time.perf_counter()
+        image_embeddings = encode_image(self.vision, self.adapter, inputs)
+        t2 = time.perf_counter()
+
+        embeds = self.embed(ids[None])
+        patch_rows = ids == self.image_patch_id
+        if patch_rows.sum() != len(image_embeddings):
+            raise ModelError(f"{patch_rows.sum()} image tokens but {len(image_embeddings)} image embeddings")
+        embeds[0, patch_rows] += image_embeddings
+        cache = self.decoder.new_cache()
+        logits = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids), cache)
+        t3 = time.perf_counter()
+
+        tokens: list[int] = []
+        shown = ""
+        first_token_at = None
+        for token in self.decoder.greedy(logits, cache, self.embed, max_new_tokens, self.stop_ids):
+            first_token_at = first_token_at or time.perf_counter()
+            tokens.append(token)
+            if on_text is not None:
+                current = self.tokenizer.decode(tokens)
+                if not current.endswith("\ufffd") and current != shown:
+                    on_text(current[len(shown):])
+                    shown = current
+        t4 = time.perf_counter()
+        text_out = self.tokenizer.decode(tokens)
+        if on_text is not None and text_out != shown:
+            on_text(text_out[len(shown):])
+        decode_s = t4 - (first_token_at or t4)
+        return Result(
+            text=text_out,
+            token_ids=tokens,
+            prompt_tokens=len(ids),
+            timings={
+                "preprocess_s": t1 - t0,
+                "vision_s": t2 - t1,
+                "prefill_s": t3 - t2,
+                "ttft_s": (first_token_at or t3) - t0,
+                "decode_tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+                "total_s": t4 - t0,
+            },
+        )

@@ -1,0 +1,75 @@
+"""KV-cached greedy decoding over the exported text decoder, with Molmo2's prefill attention rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+NEG_INF = np.finfo(np.float32).min
+
+
+def prefill_bias(ids: np.ndarray, structure_ids: list[int]) -> np.ndarray:
+    """Additive attention bias [1, 1, S, S]: causal, except that all image-structure tokens see each other.
+
+    Molmo2 lets every `<im_patch>`, `<im_col>`, image start/end token (of every image) attend bidirectionally
+    within one block; text stays causal.
+    """
+    n = len(ids)
+    allowed = np.tril(np.ones((n, n), dtype=bool))
+    block = np.isin(ids, structure_ids)
+    allowed |= block[:, None] & block[None, :]
+    return np.where(allowed, np.float32(0), NEG_INF).astype(np.float32)[None, None]
+
+
+class KVCache:
+    """Per-layer keys and values, [1, kv_heads, positions, head_dim] each."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int) -> None:
+        empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+        self.tensors = {f"past_key_values.{i}.{kind}": empty for i in range(layers) for kind in ("key", "value")}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.tensors.values())).shape[2]
+
+    def update(self, outputs: dict[str, np.ndarray]) -> None:
+        for name in self.tensors:
+            self.tensors[name] = outputs[name.replace("past_key_values.", "present.")]
+
+
+class Decoder:
+    """Runs the decoder session: a prefill over the whole prompt, then one token at a time."""
+
+    def __init__(self, session: ort.InferenceSession, geometry: dict) -> None:
+        self.session = session
+        self.geometry = geometry
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def new_cache(self) -> KVCache:
+        g = self.geometry
+        return KVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"])
+
+    def forward(self, embeds: np.ndarray, bias: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Feed `embeds` [1, S, H] after the cached positions; returns the last position's logits [vocab]."""
+        start = cache.length
+        positions = np.arange(start, start + embeds.shape[1], dtype=np.int64)[None]
+        feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_bias": bias, **cache.tensors}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        cache.update(outputs)
+        return outputs["logits"][0]
+
+    def greedy(self, first_logits: np.ndarray, cache: KVCache, embed: Callable[[np.ndarray], np.ndarray],
+               max_new_tokens: int, stop_ids: set[int]) -> Iterator[int]:
+        """Yield greedy tokens until a stop token (not yielded) or `max_new_tokens`."""
+        logits = first_logits
+        for step in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            if token in stop_ids:
+                return
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            bias = np.zeros((1, 1, 1, cache.length + 1), dtype=np.float32)
+            logits = self.forward(embed(np.array([[token]], dtype=np.int64)), bias, cache)

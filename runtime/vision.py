@@ -1,0 +1,15 @@
+"""Crops -> ViT features -> pooled image embeddings, one vector per `<im_patch>` token."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .preprocess import ImageInputs
+
+
+def encode_image(vision: ort.InferenceSession, adapter: ort.InferenceSession, inputs: ImageInputs) -> np.ndarray:
+    """Image embeddings [image tokens, text hidden] in prompt order (global view first, then the tiling)."""
+    (features,) = vision.run(None, {"pixel_values": inputs.patches})
+    (embeddings,) = adapter.run(None, {"image_features": features, "pooled_patches_idx": inputs.pooled_patches_idx})
+    return embeddings

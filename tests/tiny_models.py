@@ -1,0 +1,197 @@
+"""Small random Molmo2 checkpoints for tests: real architecture and image geometry, tiny widths.
+
+Each checkpoint is saved with `save_pretrained` together with a `Molmo2Processor` whose byte-level BPE tokenizer
+puts every Molmo2 special token above the base vocabulary, as the real Qwen3-based tokenizer does, and whose chat
+template lays the prompt out like the released Molmo2 one (images before the user turn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Molmo2Config,
+    Molmo2ForConditionalGeneration,
+    Molmo2ImageProcessor,
+    Molmo2Processor,
+    Molmo2VideoProcessor,
+    TokenizersBackend,
+)
+
+BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MOLMO_EXTRAS = [
+    "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>", "<|image|>", "<im_low>",
+    "<frame_start>", "<frame_end>", "<|video|>", "<|points|>", "<|token_index|>", "<|vit_index|>", "<|vit_loc|>",
+]
+BASE_VOCAB = 384
+
+# The released template's layout: "Image N" labels only when several images are given, images before the turn.
+CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(n=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is not string -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set image_count.n = image_count.n + 1 -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns = namespace(i=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- set text = namespace(s='') -%}"
+    "{%- if message['content'] is string -%}{%- set text.s = message['content'] -%}{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.i = ns.i + 1 -%}"
+    "{%- if image_count.n > 1 -%}{{ 'Image ' ~ ns.i }}{%- endif -%}{{ '<|image|>' }}"
+    "{%- elif item['type'] == 'text' -%}{%- set text.s = text.s ~ item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_start|>user\\n' ~ text.s ~ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for item in message['content'] -%}{{ item['text'] }}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+CORPUS = [
+    "A red circle sits on the left of a blue background.",
+    "Describe this image in detail. What color is the square? How many triangles are there?",
+    "Two green triangles and a yellow star near the top right corner of a white image.",
+    "Is there a purple heart in the picture? Yes. No. The word STOP is printed in black letters.",
+    "Point to the orange square. Count the circles. The picture shows a small cat on a sofa.",
+    "a photo of a dog running on the beach at sunset, with waves and sand, bright colours",
+]
+
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """One architecture variant: the keyword overrides of the three sub-configs and of the processor."""
+
+    name: str
+    text: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)
+    processor: dict = field(default_factory=dict)
+    additional_vocab_size: int = 16
+
+
+VARIANTS = {
+    v.name: v
+    for v in [
+        TinyVariant(
+            "qwen3_gqa",
+            text={"qk_norm_type": "qwen3", "num_key_value_heads": 2},
+            adapter={"vision_feature_layer": [-1, -3]},
+            processor={"use_single_crop_col_tokens": False},
+        ),
+        TinyVariant(
+            "olmo_mha_norm_after",
+            text={"qk_norm_type": "olmo", "num_key_value_heads": 4, "norm_after": True, "attention_bias": True},
+            adapter={"vision_feature_layer": [2, 0]},
+        ),
+        TinyVariant(
+            "yarn_subset_mqa",
+            text={
+                "qk_norm_type": "qwen3",
+                "num_key_value_heads": 1,
+                "rope_parameters": {
+                    "rope_type": "yarn", "rope_theta": 5e6, "factor": 4.0, "original_max_position_embeddings": 1024,
+                },
+                "rope_scaling_layers": [1],
+            },
+            adapter={"vision_feature_layer": [-2]},
+        ),
+        TinyVariant(
+            "bias_big_extra_vocab",
+            text={"qk_norm_type": "olmo", "num_key_value_heads": 2, "attention_bias": True,
+                  "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+                  "rope_scaling_layers": [0, 2]},
+            vision={"num_hidden_layers": 3},
+            adapter={"vision_feature_layer": [-1, -2]},
+            additional_vocab_size=128,
+        ),
+    ]
+}
+
+
+def build_tokenizer(additional_vocab_size: int) -> TokenizersBackend:
+    """A byte-level BPE with Qwen's base specials inside the base vocabulary and Molmo2's extras above it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BASE_VOCAB - 8,
+        special_tokens=BASE_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    padding = [f"|<EXTRA_TOKENS_{i}>|" for i in range(BASE_VOCAB - tok.get_vocab_size())]
+    tok.add_special_tokens(padding)
+    assert tok.get_vocab_size() == BASE_VOCAB
+    assert additional_vocab_size >= len(MOLMO_EXTRAS)
+    tok.add_special_tokens(MOLMO_EXTRAS)
+    return TokenizersBackend(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None
+    )
+
+
+def build_config(variant: TinyVariant, tokenizer: TokenizersBackend) -> Molmo2Config:
+    ids = tokenizer.convert_tokens_to_ids
+    text = {
+        "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": BASE_VOCAB,
+        "additional_vocab_size": variant.additional_vocab_size, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}, "initializer_range": 0.1,
+        **variant.text,
+    }
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "head_dim": 8, "initializer_range": 0.1, **variant.vision,
+    }
+    adapter = {
+        "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
+        "intermediate_size": 96, "text_hidden_size": text["hidden_size"], "initializer_range": 0.1,
+        **variant.adapter,
+    }
+    return Molmo2Config(
+        text_config=text, vision_config=vision, adapter_config=adapter,
+        image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
+        image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
+        frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"),
+        initializer_range=0.1,
+    )
+
+
+def build_processor(variant: TinyVariant, tokenizer: TokenizersBackend) -> Molmo2Processor:
+    return Molmo2Processor(
+        image_processor=Molmo2ImageProcessor(),
+        video_processor=Molmo2VideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        **variant.processor,
+    )
+
+
+def build_model(variant: TinyVariant, seed: int = 0) -> tuple[Molmo2ForConditionalGeneration, Molmo2Processor]:
+    """A seeded random model in fp32 eval mode and its processor."""
+    tokenizer = build_tokenizer(variant.additional_vocab_size)
+    config = build_config(variant, tokenizer)
+    torch.manual_seed(seed)
+    model = Molmo2ForConditionalGeneration(config).eval()
+    ids = tokenizer.convert_tokens_to_ids
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model, build_processor(variant, tokenizer)
+
+
+def save_checkpoint(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write variant `name` as a transformers checkpoint (model + processor) into `out_dir`."""
+    model, processor = build_model(VARIANTS[name], seed)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
