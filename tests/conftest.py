@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random Molmo2 checkpoints, their ONNX exports and test images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+HUB_LAYOUT = "hub_layout"
+CHECKPOINT_NAMES = [*tiny_models.VARIANTS, HUB_LAYOUT]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every tiny variant saved with save_pretrained, plus one in the hub's original layout (sharded, with a
+    ViT declared deeper than stored, like allenai/Molmo2-4B)."""
+    from hub_layout import save_hub_layout
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {name: tiny_models.save_checkpoint(name, root / name, seed=i)
+             for i, name in enumerate(tiny_models.VARIANTS)}
+    model, processor = tiny_models.build_model(tiny_models.VARIANTS["qwen3_gqa"], seed=11)
+    hub = root / HUB_LAYOUT
+    save_hub_layout(model, hub, declared_vit_layers=model.config.vision_config.num_hidden_layers + 2,
+                    max_shard_size=200_000)
+    processor.save_pretrained(hub)
+    paths[HUB_LAYOUT] = hub
+    return paths
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Every tiny variant exported to fp32 ONNX."""
+    from export.exporter import export
+
+    root = tmp_path_factory.mktemp("exported")
+    return {name: export(str(path), root / name) for name, path in checkpoints.items()}
+
+
+def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    """Smooth gradients plus noise: every resize rounding case shows up."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) % 256], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
