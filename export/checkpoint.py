@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ExportError
+from runtime.errors import ExportError, InputError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -40,26 +40,27 @@ def resolve_source(src: str) -> Path:
     path = Path(src).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ExportError(f"{path} has no config.json: not a Molmo2 checkpoint directory")
+            raise InputError(f"{path} has no config.json: not a Molmo2 checkpoint directory")
         return path
     if path.exists():
-        raise ExportError(f"{path} is not a directory")
+        raise InputError(f"{path} is not a directory")
     if not HUB_ID.match(src):
-        raise ExportError(f"checkpoint not found: {src} (give a local directory or a hub id such as allenai/Molmo2-4B)")
+        raise InputError(f"checkpoint not found: {src} (give a local directory or a hub id such as allenai/Molmo2-4B)")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear line
-        raise ExportError(f"could not download {src} from the hub (offline? wrong id?): {exc}".splitlines()[0]) from None
+        message = f"could not download {src} from the hub (offline? wrong id?): {exc}"
+        raise ExportError(message.splitlines()[0]) from None
 
 
-def load_checkpoint(src: str) -> Checkpoint:
-    """Load model and processor in fp32 with transformers, which converts the hub's original key layout."""
+def load_checkpoint(path: Path, source: str) -> Checkpoint:
+    """Load model and processor from a resolved directory in fp32 with transformers, which converts the hub's
+    original key layout; `source` is what the user named (recorded in the manifest)."""
     import torch
     from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
-    path = resolve_source(src)
     try:
         model = Molmo2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     except Exception as exc:  # noqa: BLE001
@@ -71,4 +72,4 @@ def load_checkpoint(src: str) -> Checkpoint:
     rope_type = model.config.text_config.rope_parameters.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
         raise ExportError(f"rope_type {rope_type!r} depends on sequence length and is not supported")
-    return Checkpoint(model=model, processor=processor, source=src)
+    return Checkpoint(model=model, processor=processor, source=source)

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.errors import ExportError
+from runtime.errors import ExportError, InputError
 from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, resolve_source
 from .text import build_decoder, build_embed
 from .vision import build_adapter, build_vision
 from .weights import Weights
@@ -116,13 +116,14 @@ def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
            progress: Callable[[str], None] = lambda msg: None) -> Path:
     """Export `src` to `out`. The directory appears whole or not at all: it is built beside `out` and renamed."""
     if quant not in QUANT_MODES:
-        raise ExportError(f"unsupported quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+        raise InputError(f"unsupported quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
     out = Path(out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not empty (use --force to replace it)")
+        raise InputError(f"{out} already exists and is not empty (use --force to replace it)")
     start = time.perf_counter()
+    path = resolve_source(src)
     progress(f"loading {src}")
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(path, src)
     cfg = ckpt.config
     weights = Weights(ckpt.model.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)

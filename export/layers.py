@@ -31,11 +31,9 @@ def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str)
 
 
 def layer_norm(g: GraphBuilder, x: str, w: Weights, prefix: str, eps: float) -> str:
-    return g.op(
-        "LayerNormalization",
-        [x, g.weight(f"{prefix}.weight", w.get(f"{prefix}.weight")), g.weight(f"{prefix}.bias", w.get(f"{prefix}.bias"))],
-        axis=-1, epsilon=eps, hint=f"{prefix}.out",
-    )
+    scale = g.weight(f"{prefix}.weight", w.get(f"{prefix}.weight"))
+    shift = g.weight(f"{prefix}.bias", w.get(f"{prefix}.bias"))
+    return g.op("LayerNormalization", [x, scale, shift], axis=-1, epsilon=eps, hint=f"{prefix}.out")
 
 
 def gelu_tanh(g: GraphBuilder, x: str) -> str:

@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
 
-
 HUB_LAYOUT = "hub_layout"
 CHECKPOINT_NAMES = [*tiny_models.VARIANTS, HUB_LAYOUT]
 

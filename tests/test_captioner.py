@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CHECKPOINT_NAMES, noise_image
 from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
+from conftest import CHECKPOINT_NAMES, noise_image
 from runtime import Captioner
 from runtime.decoder import prefill_bias
 from runtime.image_io import load_image

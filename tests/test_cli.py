@@ -1,0 +1,120 @@
+"""The `molmocap` command as a user runs it: output formats, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import noise_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def molmocap(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("images")
+    paths = {"a": root / "a.png", "b": root / "b.jpg", "corrupt": root / "corrupt.jpg", "text": root / "notes.png"}
+    noise_image(120, 200, seed=1).save(paths["a"])
+    noise_image(300, 90, seed=2).save(paths["b"], quality=90)
+    paths["corrupt"].write_bytes(paths["b"].read_bytes()[:200])
+    paths["text"].write_text("not an image")
+    return paths
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, pattern: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and pattern in lines[0], proc.stderr
+
+
+def test_caption_json_one_object_per_image(exported, images):
+    proc = molmocap("caption", str(images["a"]), str(images["b"]), "--model", str(exported["qwen3_gqa"]),
+                    "--max-new-tokens", "5", "--max-crops", "2", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [row["image"] for row in rows] == [str(images["a"]), str(images["b"])]
+    for row in rows:
+        assert len(row["token_ids"]) == 5 and row["prompt_tokens"] > 100 and isinstance(row["text"], str)
+        assert set(row["timings"]) >= {"preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_tokens_per_s"}
+
+
+def test_ask_and_stream_print_the_same_text(exported, images):
+    model = str(exported["olmo_mha_norm_after"])
+    plain = molmocap("ask", str(images["a"]), "What color is it?", "--model", model, "--max-new-tokens", "6")
+    streamed = molmocap("ask", str(images["a"]), "What color is it?", "--model", model, "--max-new-tokens", "6",
+                        "--stream")
+    assert plain.returncode == 0 and streamed.returncode == 0
+    assert plain.stdout == streamed.stdout and plain.stdout.strip()
+
+
+def test_model_from_environment(exported, images):
+    env = {**__import__("os").environ, "MOLMOCAP_MODEL": str(exported["qwen3_gqa"])}
+    proc = molmocap("caption", str(images["a"]), "--max-new-tokens", "3", env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("image,pattern", [("missing.png", "not found"), ("corrupt", "corrupt"),
+                                           ("text", "unrecognised")])
+def test_bad_images(exported, images, image, pattern):
+    path = str(images.get(image, image))
+    proc = molmocap("caption", path, "--model", str(exported["qwen3_gqa"]))
+    assert_one_line_error(proc, 2, pattern)
+
+
+def test_no_partial_output_when_a_later_image_is_bad(exported, images):
+    proc = molmocap("caption", str(images["a"]), str(images["corrupt"]), "--model", str(exported["qwen3_gqa"]),
+                    "--json")
+    assert_one_line_error(proc, 2, "corrupt")
+
+
+def test_model_errors(exported, images, tmp_path):
+    assert_one_line_error(molmocap("caption", str(images["a"]), "--model", str(tmp_path / "none")), 2, "not found")
+    stale = tmp_path / "stale"
+    shutil.copytree(exported["qwen3_gqa"], stale)
+    manifest = json.loads((stale / "molmocap.json").read_text())
+    manifest["format_version"] = 99
+    (stale / "molmocap.json").write_text(json.dumps(manifest))
+    assert_one_line_error(molmocap("caption", str(images["a"]), "--model", str(stale)), 2, "format version")
+
+
+def test_prompt_too_long(exported, images):
+    proc = molmocap("caption", str(images["a"]), "--model", str(exported["qwen3_gqa"]),
+                    "--prompt", "circle " * 5000)
+    assert_one_line_error(proc, 2, "positions")
+
+
+def test_usage_errors_exit_2(exported, images):
+    assert molmocap("caption").returncode == 2
+    proc = molmocap("caption", str(images["a"]), "--model", str(exported["qwen3_gqa"]), "--json", "--stream")
+    assert proc.returncode == 2 and "cannot be combined" in proc.stderr
+    assert molmocap("caption", str(images["a"]), "--max-crops", "0").returncode == 2
+    assert_one_line_error(molmocap("ask", str(images["a"]), "  ", "--model", str(exported["qwen3_gqa"])), 2,
+                          "question is empty")
+
+
+def test_export_command(checkpoints, tmp_path):
+    out = tmp_path / "model"
+    proc = molmocap("export", str(checkpoints["yarn_subset_mqa"]), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "molmocap.json").is_file() and "exported" in proc.stderr
+    assert_one_line_error(molmocap("export", str(checkpoints["yarn_subset_mqa"]), "-o", str(out)), 2, "--force")
+    assert_one_line_error(molmocap("export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")), 2, "not found")
+
+
+def test_help_lists_commands():
+    proc = molmocap("--help")
+    assert proc.returncode == 0
+    for command in ("export", "caption", "ask"):
+        assert command in proc.stdout
