@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from runtime.errors import InputError, ModelError, MolmocapError
+from runtime.styles import STYLES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "demo" / "onnx"
 
@@ -47,32 +48,51 @@ def model_options(f):
     return f
 
 
-def run_images(images: tuple[str, ...], prompt: str | None, model: str | None, max_new_tokens: int,
-               max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool) -> None:
-    """Caption or answer about each image in turn; every image is checked before the model runs."""
+def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | None, max_new_tokens: int,
+               max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
+               style: str | None = None, lang: str | None = None) -> None:
+    """Answer every prompt about each image in turn; every image is checked before the model runs.
+
+    Several prompts about one image share its vision encoding and the KV cache of the image prefix.
+    """
     from runtime import Captioner
     from runtime.image_io import load_image
+    from runtime.styles import finish
 
     if as_json and stream:
         raise click.UsageError("--json and --stream cannot be combined")
+    if stream and style in ("alt", "seo", "tags"):
+        raise click.UsageError(f"--stream prints raw text; --style {style} cleans the whole answer afterwards")
     loaded = [load_image(image) for image in images]
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
+    if style and prompts == [None]:
+        prompts = [captioner.style_prompt(style, lang)]
+    several = len(images) * len(prompts) > 1
     for path, image in zip(images, loaded):
-        if stream:
-            if len(images) > 1:
-                click.echo(f"{path}: ", nl=False)
-            result = captioner.generate(image, prompt, max_new_tokens, max_crops,
-                                        on_text=lambda piece: click.echo(piece, nl=False))
-            click.echo()
-            continue
-        result = captioner.generate(image, prompt, max_new_tokens, max_crops)
-        if as_json:
-            click.echo(json.dumps({"image": path, "text": result.text, "token_ids": result.token_ids,
-                                   "prompt_tokens": result.prompt_tokens,
-                                   "timings": {k: round(v, 4) for k, v in result.timings.items()}},
-                                  ensure_ascii=False))
-        else:
-            click.echo(f"{path}: {result.text}" if len(images) > 1 else result.text)
+        source = captioner.encode_image(image, max_crops) if len(prompts) > 1 else image
+        crops = None if len(prompts) > 1 else max_crops
+        for prompt in prompts:
+            label = f"{path}: " if len(prompts) == 1 else f"{path}: {prompt}: " if len(images) > 1 else f"{prompt}: "
+            if stream:
+                click.echo(label if several else "", nl=False)
+                captioner.generate(source, prompt, max_new_tokens, crops,
+                                   on_text=lambda piece: click.echo(piece, nl=False))
+                click.echo()
+                continue
+            result = captioner.generate(source, prompt, max_new_tokens, crops)
+            value = finish(style, result.text) if style else result.text
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            if as_json:
+                row = {"image": path, "prompt": prompt, "text": text, "token_ids": result.token_ids,
+                       "prompt_tokens": result.prompt_tokens,
+                       "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+                if style:
+                    row.update(style=style, raw_text=result.text)
+                    if not isinstance(value, str):
+                        row["data"] = value
+                click.echo(json.dumps(row, ensure_ascii=False))
+            else:
+                click.echo(label + text if several else text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,28 +120,40 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option("--prompt", default=None, help="Instruction to use instead of the model's caption prompt.")
+@click.option("--style", type=click.Choice(STYLES), default=None,
+              help="short or detailed caption, alt text (<= 125 chars), seo (JSON title/caption/keywords) "
+                   "or tags (JSON list). Default: the model's caption prompt.")
+@click.option("--lang", default=None, metavar="LANGUAGE", help="Ask for the caption in this language.")
+@click.option("--prompt", default=None, help="Instruction to use instead of the style's (overrides --style).")
 @model_options
-def caption(images: tuple[str, ...], prompt: str | None, **options) -> None:
+def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, **options) -> None:
     """Caption one or more IMAGES.
 
-    Example: molmocap caption photo.jpg --json
+    Examples: molmocap caption photo.jpg --json; molmocap caption photo.jpg --style alt
     """
-    run_images(images, prompt, **options)
+    if lang and not style and not prompt:
+        style = "short"
+    run_images(images, [prompt], style=None if prompt else style, lang=lang, **options)
 
 
 @main.command()
 @click.argument("image")
-@click.argument("question")
+@click.argument("question", required=False)
+@click.option("-q", "--question", "questions", multiple=True, help="A question; repeat to ask several, "
+              "which share the image encoding and the image's KV cache.")
 @model_options
-def ask(image: str, question: str, **options) -> None:
-    """Answer QUESTION about IMAGE.
+def ask(image: str, question: str | None, questions: tuple[str, ...], **options) -> None:
+    """Answer QUESTION (or each -q QUESTION) about IMAGE.
 
-    Example: molmocap ask photo.jpg "How many dogs are there?"
+    Examples: molmocap ask photo.jpg "How many dogs are there?";
+    molmocap ask photo.jpg -q "What color is the car?" -q "Is it raining?"
     """
-    if not question.strip():
+    asked = ([question] if question is not None else []) + list(questions)
+    if not asked:
+        raise click.UsageError("give a QUESTION or at least one -q QUESTION")
+    if any(not q.strip() for q in asked):
         raise InputError("the question is empty")
-    run_images((image,), question, **options)
+    run_images((image,), asked, **options)
 
 
 def entry() -> None:

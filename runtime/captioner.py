@@ -12,16 +12,28 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from .decoder import Decoder, prefill_bias
+from .decoder import Decoder, KVCache, prefill_bias
 from .errors import InputError, ModelError
 from .image_io import load_image
 from .manifest import Manifest, load_manifest
-from .preprocess import PreprocessConfig, preprocess
+from .preprocess import ImageInputs, PreprocessConfig, preprocess
 from .prompt import encode, prompt_text
 from .sessions import open_session
+from .styles import style_prompt
 from .vision import encode_image
 
 ImageSource = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass
+class EncodedImage:
+    """An image after preprocessing and the vision encoder; see `Captioner.encode_image`."""
+
+    inputs: ImageInputs
+    embeddings: np.ndarray
+    timings: dict[str, float]
+    prefix_ids: np.ndarray | None = None
+    prefix_cache: KVCache | None = None
 
 
 @dataclass
@@ -64,33 +76,54 @@ class Captioner:
         (embeds,) = self.embed_session.run(None, {"input_ids": ids})
         return embeds
 
-    def generate(self, image: ImageSource, prompt: str | None = None, max_new_tokens: int = 128,
+    def style_prompt(self, style: str, lang: str | None = None) -> str:
+        """The instruction for a caption style, with this model's own phrasing where its manifest has one."""
+        return style_prompt(style, lang, self.manifest.prompt.get("styles"))
+
+    def encode_image(self, image: ImageSource, max_crops: int | None = None) -> EncodedImage:
+        """Preprocess and run the vision encoder once, for several questions about the same image.
+
+        The first `generate` on the result also keeps the KV cache of the prompt up to the end of the image block,
+        which does not depend on the question, so later questions only prefill their own tokens.
+        """
+        t0 = time.perf_counter()
+        inputs = preprocess(load_image(image), self.preprocess_config, max_crops)
+        t1 = time.perf_counter()
+        embeddings = encode_image(self.vision, self.adapter, inputs)
+        return EncodedImage(inputs, embeddings, {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1})
+
+    def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None, max_new_tokens: int = 128,
                  max_crops: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
         """Answer `prompt` (default: the model's caption prompt) about `image` by greedy decoding.
 
+        `image` is a path, bytes, a PIL image or the result of `encode_image` (then `max_crops` was chosen there).
         `on_text` receives the text as it grows, piece by piece, for streaming.
         """
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
-        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
         t0 = time.perf_counter()
-        inputs = preprocess(load_image(image), self.preprocess_config, max_crops)
-        text = prompt_text(prompt, inputs.grid, self.manifest.prompt, self.manifest.tokens["bos"], self.reserved)
+        reuse = isinstance(image, EncodedImage)
+        if reuse:
+            if max_crops is not None:
+                raise InputError("max_crops is chosen when the image is encoded, not per question")
+            encoded, timings = image, {"preprocess_s": 0.0, "vision_s": 0.0}
+        else:
+            encoded = self.encode_image(image, max_crops)
+            timings = dict(encoded.timings)
+        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
+        text = prompt_text(prompt, encoded.inputs.grid, self.manifest.prompt, self.manifest.tokens["bos"],
+                           self.reserved)
         ids = encode(self.tokenizer, text)
         if len(ids) >= self.max_positions:
             raise InputError(f"the prompt takes {len(ids)} tokens; this model has {self.max_positions} positions")
         max_new_tokens = min(max_new_tokens, self.max_positions - len(ids))
-        t1 = time.perf_counter()
-        image_embeddings = encode_image(self.vision, self.adapter, inputs)
-        t2 = time.perf_counter()
 
-        embeds = self.embed(ids[None])
-        patch_rows = ids == self.image_patch_id
-        if patch_rows.sum() != len(image_embeddings):
-            raise ModelError(f"{patch_rows.sum()} image tokens but {len(image_embeddings)} image embeddings")
-        embeds[0, patch_rows] += image_embeddings
-        cache = self.decoder.new_cache()
-        logits = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids), cache)
+        t_prefill = time.perf_counter()
+        cache, start = self._reusable_prefix(encoded, ids) if reuse else (self.decoder.new_cache(), 0)
+        embeds = self.embed(ids[None, start:])
+        if start == 0:
+            self._add_image_embeddings(embeds, ids, encoded.embeddings)
+        logits = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids, start), cache)
         t3 = time.perf_counter()
 
         tokens: list[int] = []
@@ -109,16 +142,33 @@ class Captioner:
         if on_text is not None and text_out != shown:
             on_text(text_out[len(shown):])
         decode_s = t4 - (first_token_at or t4)
-        return Result(
-            text=text_out,
-            token_ids=tokens,
-            prompt_tokens=len(ids),
-            timings={
-                "preprocess_s": t1 - t0,
-                "vision_s": t2 - t1,
-                "prefill_s": t3 - t2,
-                "ttft_s": (first_token_at or t3) - t0,
-                "decode_tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-                "total_s": t4 - t0,
-            },
-        )
+        timings.update({
+            "prefill_s": t3 - t_prefill,
+            "ttft_s": (first_token_at or t3) - t0,
+            "decode_tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+            "total_s": t4 - t0,
+        })
+        return Result(text=text_out, token_ids=tokens, prompt_tokens=len(ids), timings=timings)
+
+    def _add_image_embeddings(self, embeds: np.ndarray, ids: np.ndarray, image_embeddings: np.ndarray) -> None:
+        """Molmo2 adds (not substitutes) each image embedding onto its `<im_patch>` token embedding."""
+        rows = ids[: embeds.shape[1]] == self.image_patch_id
+        if rows.sum() != len(image_embeddings):
+            raise ModelError(f"{rows.sum()} image tokens but {len(image_embeddings)} image embeddings")
+        embeds[0, rows] += image_embeddings
+
+    def _reusable_prefix(self, encoded: EncodedImage, ids: np.ndarray) -> tuple[KVCache, int]:
+        """A KV cache covering the image block of `ids` and where the prefill must start.
+
+        The first question about an `EncodedImage` computes and keeps it; later ones reuse a copy when their ids
+        start with the same prefix.
+        """
+        if encoded.prefix_ids is not None and np.array_equal(ids[: len(encoded.prefix_ids)], encoded.prefix_ids):
+            return encoded.prefix_cache.copy(), len(encoded.prefix_ids)
+        cache = self.decoder.new_cache()
+        end = int(np.flatnonzero(np.isin(ids, self.structure_ids)).max()) + 1
+        embeds = self.embed(ids[None, :end])
+        self._add_image_embeddings(embeds, ids, encoded.embeddings)
+        self.decoder.forward(embeds, prefill_bias(ids[:end], self.structure_ids), cache)
+        encoded.prefix_ids, encoded.prefix_cache = ids[:end].copy(), cache.copy()
+        return cache, end

@@ -10,16 +10,17 @@ import onnxruntime as ort
 NEG_INF = np.finfo(np.float32).min
 
 
-def prefill_bias(ids: np.ndarray, structure_ids: list[int]) -> np.ndarray:
-    """Additive attention bias [1, 1, S, S]: causal, except that all image-structure tokens see each other.
+def prefill_bias(ids: np.ndarray, structure_ids: list[int], start: int = 0) -> np.ndarray:
+    """Additive attention bias [1, 1, S - start, S] for the positions from `start` on, over all S positions.
 
-    Molmo2 lets every `<im_patch>`, `<im_col>`, image start/end token (of every image) attend bidirectionally
-    within one block; text stays causal.
+    Causal, except that all image-structure tokens see each other: Molmo2 lets every `<im_patch>`, `<im_col>` and
+    image start/end token (of every image) attend bidirectionally within one block; text stays causal.
     """
     n = len(ids)
-    allowed = np.tril(np.ones((n, n), dtype=bool))
+    rows = np.arange(start, n)[:, None]
+    allowed = np.arange(n)[None, :] <= rows
     block = np.isin(ids, structure_ids)
-    allowed |= block[:, None] & block[None, :]
+    allowed |= block[start:, None] & block[None, :]
     return np.where(allowed, np.float32(0), NEG_INF).astype(np.float32)[None, None]
 
 
@@ -33,6 +34,12 @@ class KVCache:
     @property
     def length(self) -> int:
         return next(iter(self.tensors.values())).shape[2]
+
+    def copy(self) -> "KVCache":
+        """A cache that can grow independently (the arrays are never written in place, so sharing them is safe)."""
+        other = KVCache.__new__(KVCache)
+        other.tensors = dict(self.tensors)
+        return other
 
     def update(self, outputs: dict[str, np.ndarray]) -> None:
         for name in self.tensors:

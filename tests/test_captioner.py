@@ -99,3 +99,16 @@ def test_prompt_longer_than_positions_is_an_input_error(exported):
     captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
     with pytest.raises(InputError, match="positions"):
         captioner.generate(IMAGES["tiny"][0], "circle " * 5000, max_new_tokens=4)
+
+
+def test_questions_about_an_encoded_image_reuse_its_prefix(exported):
+    captioner = Captioner.load(exported["yarn_subset_mqa"], threads=1)
+    image = IMAGES["landscape"][0]
+    encoded = captioner.encode_image(image, max_crops=3)
+    questions = ["What color is the square?", "Is there a star?", "What color is the square?"]
+    answers = [captioner.generate(encoded, q, max_new_tokens=12) for q in questions]
+    assert encoded.prefix_ids is not None and len(encoded.prefix_ids) < answers[0].prompt_tokens
+    assert answers[1].timings["vision_s"] == 0.0
+    for question, answer in zip(questions, answers):
+        fresh = captioner.generate(image, question, max_new_tokens=12, max_crops=3)
+        assert answer.token_ids == fresh.token_ids and answer.prompt_tokens == fresh.prompt_tokens

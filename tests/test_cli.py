@@ -118,3 +118,19 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for command in ("export", "caption", "ask"):
         assert command in proc.stdout
+
+
+def test_ask_several_questions_and_styles(exported, images):
+    model = str(exported["qwen3_gqa"])
+    proc = molmocap("ask", str(images["a"]), "-q", "What color?", "-q", "How many?", "--model", model,
+                    "--max-new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [row["prompt"] for row in rows] == ["What color?", "How many?"]
+    single = molmocap("ask", str(images["a"]), "How many?", "--model", model, "--max-new-tokens", "4", "--json")
+    assert json.loads(single.stdout)["token_ids"] == rows[1]["token_ids"]
+    tags = molmocap("caption", str(images["a"]), "--style", "tags", "--model", model, "--max-new-tokens", "6",
+                    "--json")
+    row = json.loads(tags.stdout)
+    assert row["style"] == "tags" and json.loads(row["text"]) == row["data"] and isinstance(row["data"], list)
+    assert molmocap("ask", str(images["a"]), "--model", model).returncode == 2
