@@ -21,6 +21,7 @@ class Checkpoint:
     model: object
     processor: object
     source: str
+    path: Path
 
     @property
     def config(self):
@@ -72,4 +73,4 @@ def load_checkpoint(path: Path, source: str) -> Checkpoint:
     rope_type = model.config.text_config.rope_parameters.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
         raise ExportError(f"rope_type {rope_type!r} depends on sequence length and is not supported")
-    return Checkpoint(model=model, processor=processor, source=source)
+    return Checkpoint(model=model, processor=processor, source=source, path=path)

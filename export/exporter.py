@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from runtime.errors import ExportError, InputError
 from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+from runtime.styles import STYLES
 
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source
 from .text import build_decoder, build_embed
@@ -21,6 +23,7 @@ PROMPT_SLOT = "{prompt}"
 IMAGE_TOKEN = "<|image|>"
 DEFAULT_TEMPLATE = IMAGE_TOKEN + "<|im_start|>user\n" + PROMPT_SLOT + "<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_CAPTION_PROMPT = "Describe this image."
+PROMPTS_FILE = "molmocap_prompts.json"
 IMAGE_STRUCTURE_TOKENS = ("<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<frame_start>",
                           "<im_end>", "<frame_end>", "<im_low>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -36,6 +39,22 @@ def prompt_template(processor) -> str:
     if rendered.count(sentinel) != 1 or rendered.count(IMAGE_TOKEN) != 1:
         raise ExportError("the checkpoint's chat template does not place one image and one prompt")
     return rendered.replace(sentinel, PROMPT_SLOT)
+
+
+def prompt_overrides(path: Path) -> dict:
+    """Optional `molmocap_prompts.json` beside the checkpoint: {"caption": ..., "styles": {style: prompt}}, for
+    models trained on their own phrasings (the demo model)."""
+    file = path / PROMPTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {file}: {exc}") from None
+    unknown = set(data) - {"caption", "styles"} | set(data.get("styles", {})) - set(STYLES)
+    if unknown:
+        raise ExportError(f"{file} has unknown keys or styles: {', '.join(sorted(unknown))}")
+    return data
 
 
 def _token_ids(tokenizer, names) -> dict[str, int]:
@@ -60,6 +79,7 @@ def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) 
     stop |= set([eos] if isinstance(eos, int) else eos or [])
     bos = tok.bos_token or tok.eos_token
     single_col = proc.use_single_crop_col_tokens
+    overrides = prompt_overrides(ckpt.path)
     return {
         "format": "molmocap",
         "format_version": FORMAT_VERSION,
@@ -91,7 +111,8 @@ def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) 
         "prompt": {
             "template": prompt_template(proc),
             "image_token": IMAGE_TOKEN,
-            "default_caption_prompt": DEFAULT_CAPTION_PROMPT,
+            "default_caption_prompt": overrides.get("caption", DEFAULT_CAPTION_PROMPT),
+            "styles": overrides.get("styles", {}),
             "image_use_col_tokens": bool(proc.image_use_col_tokens),
             "use_single_crop_col_tokens": bool(proc.image_use_col_tokens if single_col is None else single_col),
             "use_single_crop_start_token": bool(proc.use_single_crop_start_token),

@@ -111,3 +111,19 @@ def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
 def test_manifest_is_valid_json_with_checksums(exported):
     data = json.loads((exported["olmo_mha_norm_after"] / "molmocap.json").read_text())
     assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in data["files"])
+
+
+def test_prompt_overrides_from_the_checkpoint(checkpoints, tmp_path):
+    from runtime import Captioner
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in checkpoints["qwen3_gqa"].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "molmocap_prompts.json").write_text(json.dumps({"caption": "Caption:", "styles": {"short": "Short:"}}))
+    captioner = Captioner.load(export(str(src), tmp_path / "out"), threads=1)
+    assert captioner.manifest.prompt["default_caption_prompt"] == "Caption:"
+    assert captioner.style_prompt("short") == "Short:" and captioner.style_prompt("tags").startswith("List")
+    (src / "molmocap_prompts.json").write_text(json.dumps({"styles": {"poem": "Rhyme:"}}))
+    with pytest.raises(Exception, match="poem"):
+        export(str(src), tmp_path / "out2")
