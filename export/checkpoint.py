@@ -10,29 +10,31 @@ import numpy as np
 
 from runtime.errors import ExportError, InputError
 
+from .weights import Weights
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 @dataclass
 class Checkpoint:
-    """A loaded source: the transformers model (fp32, eval), its processor and where it came from."""
+    """A source opened for export: config, processor, generation settings and lazily read weights."""
 
-    model: object
+    config: object
     processor: object
+    generation_config: object
+    weights: Weights
     source: str
     path: Path
 
-    @property
-    def config(self):
-        return self.model.config
-
     def rope_tables(self) -> dict[str, tuple[np.ndarray, float]]:
-        """inv_freq and attention scaling of the scaled and unscaled RoPE, read off the instantiated modules."""
-        lm = self.model.model.language_model
+        """inv_freq and attention scaling of the scaled and unscaled RoPE, from transformers' own rotary modules."""
+        from transformers.models.molmo2.modeling_molmo2 import Molmo2RotaryEmbedding
+
         return {
             kind: (module.inv_freq.detach().float().numpy(), float(module.attention_scaling))
-            for kind, module in (("scaled", lm.rotary_emb), ("unscaled", lm.rotary_emb_unscaled))
+            for kind, module in (("scaled", Molmo2RotaryEmbedding(self.config.text_config, scaled=True)),
+                                 ("unscaled", Molmo2RotaryEmbedding(self.config.text_config, scaled=False)))
         }
 
 
@@ -57,20 +59,24 @@ def resolve_source(src: str) -> Path:
 
 
 def load_checkpoint(path: Path, source: str) -> Checkpoint:
-    """Load model and processor from a resolved directory in fp32 with transformers, which converts the hub's
-    original key layout; `source` is what the user named (recorded in the manifest)."""
-    import torch
-    from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
+    """Open a resolved checkpoint directory: transformers reads the config (the hub's legacy keys included) and the
+    processor; weights stay on disk until the exporter asks for them. `source` is what the user named."""
+    from transformers import GenerationConfig, Molmo2Config, Molmo2Processor
 
     try:
-        model = Molmo2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        config = Molmo2Config.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot load a Molmo2 model from {path}: {exc}".splitlines()[0]) from None
+        raise ExportError(f"cannot load a Molmo2 config from {path}: {exc}".splitlines()[0]) from None
     try:
         processor = Molmo2Processor.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot load the Molmo2 processor/tokenizer from {path}: {exc}".splitlines()[0]) from None
-    rope_type = model.config.text_config.rope_parameters.get("rope_type", "default")
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation_config = GenerationConfig()
+    rope_type = config.text_config.rope_parameters.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
         raise ExportError(f"rope_type {rope_type!r} depends on sequence length and is not supported")
-    return Checkpoint(model=model, processor=processor, source=source, path=path)
+    return Checkpoint(config=config, processor=processor, generation_config=generation_config,
+                      weights=Weights(path, config.text_config), source=source, path=path)

@@ -16,7 +16,6 @@ from runtime.styles import STYLES
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source
 from .text import build_decoder, build_embed
 from .vision import build_adapter, build_vision
-from .weights import Weights
 
 QUANT_MODES = ("fp32",)
 PROMPT_SLOT = "{prompt}"
@@ -75,7 +74,7 @@ def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) 
     text, vision, adapter = cfg.text_config, cfg.vision_config, cfg.adapter_config
     structure = _token_ids(tok, IMAGE_STRUCTURE_TOKENS)
     stop = set(_token_ids(tok, [t for t in STOP_TOKENS if t in tok.get_vocab()]).values())
-    eos = ckpt.model.generation_config.eos_token_id
+    eos = ckpt.generation_config.eos_token_id
     stop |= set([eos] if isinstance(eos, int) else eos or [])
     bos = tok.bos_token or tok.eos_token
     single_col = proc.use_single_crop_col_tokens
@@ -146,7 +145,7 @@ def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
     progress(f"loading {src}")
     ckpt = load_checkpoint(path, src)
     cfg = ckpt.config
-    weights = Weights(ckpt.model.state_dict())
+    weights = ckpt.weights
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
