@@ -14,10 +14,10 @@ from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_j
 from runtime.styles import STYLES
 
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source
+from .plan import PLANS, ExportPlan
 from .text import build_decoder, build_embed
 from .vision import build_adapter, build_vision
 
-QUANT_MODES = ("fp32",)
 PROMPT_SLOT = "{prompt}"
 IMAGE_TOKEN = "<|image|>"
 DEFAULT_TEMPLATE = IMAGE_TOKEN + "<|im_start|>user\n" + PROMPT_SLOT + "<|im_end|>\n<|im_start|>assistant\n"
@@ -66,7 +66,7 @@ def _token_ids(tokenizer, names) -> dict[str, int]:
     return ids
 
 
-def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) -> dict:
+def build_manifest(ckpt: Checkpoint, quant: str, plan: ExportPlan, files: list[Path]) -> dict:
     cfg = ckpt.config
     proc = ckpt.processor
     tok = proc.tokenizer
@@ -85,6 +85,7 @@ def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) 
         "source": ckpt.source,
         "model_type": cfg.model_type,
         "quant": quant,
+        "plan": plan.to_dict(),
         "geometry": {
             "vision": {"hidden_size": vision.hidden_size, "num_layers": vision.num_hidden_layers,
                        "num_heads": vision.num_attention_heads, "head_dim": vision.head_dim,
@@ -127,47 +128,51 @@ def build_manifest(ckpt: Checkpoint, quant: str, files: list[Path], root: Path) 
             "rescale_factor": ip.rescale_factor,
         },
         "components": {"vision": "vision.onnx", "adapter": "adapter.onnx", "embed": "embed.onnx",
-                       "decoder": "decoder.onnx"},
+                       "decoder": "decoder.onnx", **({"decoder_step": "decoder_step.onnx"} if plan.step else {})},
         "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(files)],
     }
 
 
 def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
            progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Export `src` to `out`. The directory appears whole or not at all: it is built beside `out` and renamed."""
-    if quant not in QUANT_MODES:
-        raise InputError(f"unsupported quantization {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    """Export `src` to `out` under the `quant` plan (fp32, int8, int4, mixed).
+
+    The directory appears whole or not at all: it is built beside `out` and renamed into place.
+    """
+    if quant not in PLANS:
+        raise InputError(f"unsupported quantization {quant!r}; choose one of {', '.join(PLANS)}")
+    plan = PLANS[quant]
     out = Path(out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} already exists and is not empty (use --force to replace it)")
     start = time.perf_counter()
     path = resolve_source(src)
-    progress(f"loading {src}")
+    progress(f"reading {src}")
     ckpt = load_checkpoint(path, src)
-    cfg = ckpt.config
-    weights = ckpt.weights
+    cfg, weights = ckpt.config, ckpt.weights
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        steps = [
-            ("vision encoder", lambda: build_vision(work / "vision.onnx", weights, cfg.vision_config,
-                                                    cfg.adapter_config)),
-            ("adapter", lambda: build_adapter(work / "adapter.onnx", weights, cfg.adapter_config)),
-            ("embeddings", lambda: build_embed(work / "embed.onnx", weights, cfg.text_config)),
-            ("text decoder", lambda: build_decoder(work / "decoder.onnx", weights, cfg.text_config,
-                                                   ckpt.rope_tables())),
-        ]
-        for label, step in steps:
-            progress(f"building {label}")
-            step()
+        build_vision(work / "vision.onnx", weights, cfg.vision_config, cfg.adapter_config, plan.vision, progress)
+        progress("adapter")
+        build_adapter(work / "adapter.onnx", weights, cfg.adapter_config, plan.adapter)
+        progress("embeddings")
+        build_embed(work / "embed.onnx", weights, cfg.text_config, plan.embed)
+        rope = ckpt.rope_tables()
+        build_decoder(work / "decoder.onnx", weights, cfg.text_config, rope, plan.prefill, plan.lm_head, progress)
+        if plan.step:
+            build_decoder(work / "decoder_step.onnx", weights, cfg.text_config, rope, plan.step, plan.lm_head,
+                          progress)
         ckpt.processor.tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+        progress("checksums")
         files = [f for f in work.iterdir() if f.is_file()]
-        write_json_atomic(work / MANIFEST_NAME, build_manifest(ckpt, quant, files, work))
+        write_json_atomic(work / MANIFEST_NAME, build_manifest(ckpt, quant, plan, files))
+        work.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    progress(f"exported {src} to {out} in {time.perf_counter() - start:.1f} s")
+    progress(f"exported {src} ({quant}) to {out} in {time.perf_counter() - start:.1f} s")
     return out

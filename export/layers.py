@@ -1,7 +1,6 @@
 """Transformer building blocks emitted as ONNX nodes, written to mirror transformers' Molmo2 forward op for op.
 
-Every matrix product goes through `linear`, the single place where a quantized export swaps the fp32 MatMul for
-another kernel.
+Every weight product goes through `linear`, which stores and computes it as the export plan says.
 """
 
 from __future__ import annotations
@@ -9,18 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 from .onnx_graph import GraphBuilder
+from .quantize import FP32, QuantLinear, linear_node
 from .weights import Weights
 
 NEG_INF = float(np.finfo(np.float32).min)
 
 
-def linear(g: GraphBuilder, x: str, w: Weights, prefix: str) -> str:
+def linear(g: GraphBuilder, x: str, w: Weights, prefix: str, how: QuantLinear = FP32) -> str:
     """`x @ W.T + b` for the torch Linear stored under `prefix` (bias only where the checkpoint has one)."""
-    weight = w.get(f"{prefix}.weight")
-    y = g.op("MatMul", [x, g.weight(f"{prefix}.weight_t", weight.T)], hint=f"{prefix}.out")
-    if w.has(f"{prefix}.bias"):
-        y = g.op("Add", [y, g.weight(f"{prefix}.bias", w.get(f"{prefix}.bias"))], hint=f"{prefix}.out")
-    return y
+    bias = w.get(f"{prefix}.bias") if w.has(f"{prefix}.bias") else None
+    return linear_node(g, x, w.get(f"{prefix}.weight"), bias, how, prefix)
 
 
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from onnx import TensorProto
 
 from . import layers
 from .onnx_graph import GraphBuilder
+from .quantize import FP32, QuantLinear
 from .weights import Weights
 
 LM = "model.language_model"
@@ -20,13 +22,25 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
-def build_embed(path: Path, w: Weights, text_cfg) -> None:
-    """input_ids [batch, seq] -> inputs_embeds [batch, seq, hidden] over base + additional vocabulary rows."""
+def build_embed(path: Path, w: Weights, text_cfg, precision: str = "fp32") -> None:
+    """input_ids [batch, seq] -> inputs_embeds [batch, seq, hidden] over base + additional vocabulary rows.
+
+    `int8` stores each row as int8 with its own scale (a quarter of the bytes; rows are dequantized on lookup).
+    """
     g = GraphBuilder(path)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
-    table = g.weight(f"{LM}.embed_tokens.weight", w.get(f"{LM}.embed_tokens.weight"))
-    g.output(g.op("Gather", [table, ids], axis=0), "inputs_embeds", TensorProto.FLOAT,
-             ["batch", "seq", text_cfg.hidden_size])
+    table = w.get(f"{LM}.embed_tokens.weight")
+    if precision == "int8":
+        scale = np.abs(table).max(axis=1) / 127.0
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+        rows = g.op("Cast", [g.op("Gather", [g.weight(f"{LM}.embed_tokens.weight_q8", q), ids], axis=0)],
+                    to=TensorProto.FLOAT)
+        scales = g.op("Gather", [g.weight(f"{LM}.embed_tokens.scale", scale), ids], axis=0)
+        embeds = g.op("Mul", [rows, g.op("Unsqueeze", [scales, g.const([-1], np.int64)])])
+    else:
+        embeds = g.op("Gather", [g.weight(f"{LM}.embed_tokens.weight", table), ids], axis=0)
+    g.output(embeds, "inputs_embeds", TensorProto.FLOAT, ["batch", "seq", text_cfg.hidden_size])
     g.save()
 
 
@@ -47,7 +61,9 @@ def _apply_rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
 
-def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]]) -> None:
+def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]],
+                  how: QuantLinear = FP32, lm_head: QuantLinear = FP32,
+                  progress: Callable[[str], None] = lambda msg: None) -> None:
     """One step of the language model over `seq` new positions with a KV cache of `past` positions.
 
     Inputs: inputs_embeds [batch, seq, hidden], position_ids [batch, seq], attention_bias [batch, 1, seq, past+seq]
@@ -66,6 +82,7 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
               for kind, (inv_freq, scaling) in rope.items()}
 
     for i in range(cfg.num_hidden_layers):
+        progress(f"{path.stem} layer {i + 1}/{cfg.num_hidden_layers}")
         p = f"{LM}.layers.{i}"
         past_k, past_v, present_k, present_v = kv_names(i)
         g.input(past_k, TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
@@ -74,9 +91,9 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
         post_norm = w.get(f"{p}.post_attention_layernorm.weight")
 
         h = x if cfg.norm_after else layers.rms_norm(g, x, in_norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
-        q = layers.linear(g, h, w, f"{p}.self_attn.q_proj")
-        k = layers.linear(g, h, w, f"{p}.self_attn.k_proj")
-        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj"), kv_heads, head_dim)
+        q = layers.linear(g, h, w, f"{p}.self_attn.q_proj", how)
+        k = layers.linear(g, h, w, f"{p}.self_attn.k_proj", how)
+        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj", how), kv_heads, head_dim)
         q_norm, k_norm = w.get(f"{p}.self_attn.q_norm.weight"), w.get(f"{p}.self_attn.k_norm.weight")
         if cfg.qk_norm_type == "olmo":
             q = layers.rms_norm(g, q, q_norm, cfg.rms_norm_eps, f"{p}.self_attn.q_norm")
@@ -93,22 +110,22 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
         g.output(v, present_v, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
 
         a = layers.attention(g, q, present_k, present_v, heads, kv_heads, head_dim, bias)
-        a = layers.linear(g, layers.merge_heads(g, a, heads, head_dim), w, f"{p}.self_attn.o_proj")
+        a = layers.linear(g, layers.merge_heads(g, a, heads, head_dim), w, f"{p}.self_attn.o_proj", how)
         if cfg.norm_after:
             a = layers.rms_norm(g, a, in_norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
         x = g.op("Add", [x, a])
 
         h = x if cfg.norm_after else layers.rms_norm(g, x, post_norm, cfg.rms_norm_eps,
                                                       f"{p}.post_attention_layernorm")
-        gate = layers.silu(g, layers.linear(g, h, w, f"{p}.mlp.gate_proj"))
-        h = layers.linear(g, g.op("Mul", [gate, layers.linear(g, h, w, f"{p}.mlp.up_proj")]), w,
-                          f"{p}.mlp.down_proj")
+        gate = layers.silu(g, layers.linear(g, h, w, f"{p}.mlp.gate_proj", how))
+        h = layers.linear(g, g.op("Mul", [gate, layers.linear(g, h, w, f"{p}.mlp.up_proj", how)]), w,
+                          f"{p}.mlp.down_proj", how)
         if cfg.norm_after:
             h = layers.rms_norm(g, h, post_norm, cfg.rms_norm_eps, f"{p}.post_attention_layernorm")
         x = g.op("Add", [x, h], hint=f"decoder.layer{i}.out")
 
     last = g.op("Gather", [x, g.const(-1, np.int64)], axis=1)
     last = layers.rms_norm(g, last, w.get(f"{LM}.norm.weight"), cfg.rms_norm_eps, f"{LM}.norm")
-    logits = layers.linear(g, last, w, "lm_head")
+    logits = layers.linear(g, last, w, "lm_head", lm_head)
     g.output(logits, "logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])
     g.save()

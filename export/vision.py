@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from onnx import TensorProto
 
 from . import layers
 from .onnx_graph import GraphBuilder
+from .quantize import FP32, QuantLinear
 from .weights import Weights
 
 VIT = "model.vision_tower"
@@ -24,27 +26,30 @@ def feature_layers(vision_feature_layer: list[int], num_layers: int) -> list[int
     return [layer if layer >= 0 else num_layers + layer for layer in vision_feature_layer]
 
 
-def build_vision(path: Path, w: Weights, vision_cfg, adapter_cfg) -> None:
+def build_vision(path: Path, w: Weights, vision_cfg, adapter_cfg, how: QuantLinear = FP32,
+                 progress: Callable[[str], None] = lambda msg: None) -> None:
     """pixel_values [crops, patches, patch*patch*3] -> features [crops, patches, hidden * len(vit_layers)]."""
     g = GraphBuilder(path)
     pixels = g.input("pixel_values", TensorProto.FLOAT, ["crops", vision_cfg.num_position_embeddings,
                                                           vision_cfg.patch_size**2 * vision_cfg.num_channels])
-    x = layers.linear(g, pixels, w, f"{VIT}.patch_embedding")
+    x = layers.linear(g, pixels, w, f"{VIT}.patch_embedding", how)
     x = g.op("Add", [x, g.weight(f"{VIT}.positional_embedding", w.get(f"{VIT}.positional_embedding"))])
     wanted = feature_layers(adapter_cfg.vision_feature_layer, vision_cfg.num_hidden_layers)
     outputs = {}
     heads, kv_heads, head_dim = (vision_cfg.num_attention_heads, vision_cfg.num_key_value_heads,
                                  vision_cfg.head_dim)
-    for i in range(max(wanted) + 1):
+    depth = max(wanted) + 1
+    for i in range(depth):
+        progress(f"vision encoder layer {i + 1}/{depth}")
         p = f"{VIT}.layers.{i}"
         h = layers.layer_norm(g, x, w, f"{p}.layer_norm1", vision_cfg.layer_norm_eps)
-        q = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.q_proj"), heads, head_dim)
-        k = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.k_proj"), kv_heads, head_dim)
-        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj"), kv_heads, head_dim)
+        q = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.q_proj", how), heads, head_dim)
+        k = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.k_proj", how), kv_heads, head_dim)
+        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj", how), kv_heads, head_dim)
         a = layers.merge_heads(g, layers.attention(g, q, k, v, heads, kv_heads, head_dim, None), heads, head_dim)
-        x = g.op("Add", [x, layers.linear(g, a, w, f"{p}.self_attn.o_proj")])
+        x = g.op("Add", [x, layers.linear(g, a, w, f"{p}.self_attn.o_proj", how)])
         h = layers.layer_norm(g, x, w, f"{p}.layer_norm2", vision_cfg.layer_norm_eps)
-        h = layers.linear(g, layers.gelu_tanh(g, layers.linear(g, h, w, f"{p}.mlp.fc1")), w, f"{p}.mlp.fc2")
+        h = layers.linear(g, layers.gelu_tanh(g, layers.linear(g, h, w, f"{p}.mlp.fc1", how)), w, f"{p}.mlp.fc2", how)
         x = g.op("Add", [x, h], hint=f"vit.layer{i}.out")
         outputs[i] = x
     feats = g.op("Concat", [outputs[i] for i in wanted], axis=-1) if len(wanted) > 1 else outputs[wanted[0]]
@@ -53,7 +58,7 @@ def build_vision(path: Path, w: Weights, vision_cfg, adapter_cfg) -> None:
     g.save()
 
 
-def build_adapter(path: Path, w: Weights, adapter_cfg) -> None:
+def build_adapter(path: Path, w: Weights, adapter_cfg, how: QuantLinear = FP32) -> None:
     """image_features [crops, patches, D] + pooled_patches_idx [tokens, k] -> image embeddings [valid tokens, H].
 
     Each output token is a cross-attention whose query is the mean of its valid patches and whose keys and values
@@ -76,19 +81,19 @@ def build_adapter(path: Path, w: Weights, adapter_cfg) -> None:
     heads, kv_heads, head_dim = (adapter_cfg.num_attention_heads, adapter_cfg.num_key_value_heads,
                                  adapter_cfg.head_dim)
     p = f"{ADAPTER}.image_pooling_2d"
-    q = layers.split_heads(g, layers.linear(g, query, w, f"{p}.q_proj"), heads, head_dim)
-    k = layers.split_heads(g, layers.linear(g, patches, w, f"{p}.k_proj"), kv_heads, head_dim)
-    v = layers.split_heads(g, layers.linear(g, patches, w, f"{p}.v_proj"), kv_heads, head_dim)
+    q = layers.split_heads(g, layers.linear(g, query, w, f"{p}.q_proj", how), heads, head_dim)
+    k = layers.split_heads(g, layers.linear(g, patches, w, f"{p}.k_proj", how), kv_heads, head_dim)
+    v = layers.split_heads(g, layers.linear(g, patches, w, f"{p}.v_proj", how), kv_heads, head_dim)
     bias = g.op("Where", [valid, g.const(0.0), g.const(layers.NEG_INF)])
     bias = g.op("Reshape", [bias, g.const([0, 1, 1, 1, -1], np.int64)])
     pooled = layers.merge_heads(g, layers.attention(g, q, k, v, heads, kv_heads, head_dim, bias), heads, head_dim)
-    pooled = layers.linear(g, pooled, w, f"{p}.o_proj")
+    pooled = layers.linear(g, pooled, w, f"{p}.o_proj", how)
     pooled = g.op("Squeeze", [pooled, g.const([1], np.int64)])
 
     p = f"{ADAPTER}.image_projector"
-    hidden = g.op("Mul", [layers.silu(g, layers.linear(g, pooled, w, f"{p}.gate_proj")),
-                          layers.linear(g, pooled, w, f"{p}.up_proj")])
-    out = layers.linear(g, hidden, w, f"{p}.down_proj")
+    hidden = g.op("Mul", [layers.silu(g, layers.linear(g, pooled, w, f"{p}.gate_proj", how)),
+                          layers.linear(g, pooled, w, f"{p}.up_proj", how)])
+    out = layers.linear(g, hidden, w, f"{p}.down_proj", how)
     keep = g.op("Cast", [g.op("ReduceMax", [valid_f], axes=[-1], keepdims=0)], to=TensorProto.BOOL)
     out = g.op("Compress", [out, keep], axis=0)
     g.output(out, "image_embeddings", TensorProto.FLOAT, ["valid_tokens", adapter_cfg.text_hidden_size])

@@ -56,10 +56,10 @@ class Captioner:
             self.tokenizer = Tokenizer.from_file(str(manifest.root / "tokenizer.json"))
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot read {manifest.root / 'tokenizer.json'}: {exc}") from None
-        sessions = {name: open_session(manifest.component(name), threads, device)
-                    for name in ("vision", "adapter", "embed", "decoder")}
+        sessions = {name: open_session(manifest.root / file, threads, device)
+                    for name, file in manifest.data["components"].items()}
         self.vision, self.adapter, self.embed_session = sessions["vision"], sessions["adapter"], sessions["embed"]
-        self.decoder = Decoder(sessions["decoder"], manifest.geometry["text"])
+        self.decoder = Decoder(sessions["decoder"], manifest.geometry["text"], sessions.get("decoder_step"))
         tokens = manifest.tokens
         self.image_patch_id = tokens["image_patch_id"]
         self.structure_ids = tokens["image_structure_ids"]

@@ -47,10 +47,16 @@ class KVCache:
 
 
 class Decoder:
-    """Runs the decoder session: a prefill over the whole prompt, then one token at a time."""
+    """Runs the decoder: a prefill over the prompt, then one token at a time.
 
-    def __init__(self, session: ort.InferenceSession, geometry: dict) -> None:
+    A model exported with the `mixed` plan has a second graph for single-token steps (4-bit weights, fewest bytes
+    per token) beside the prefill graph (int8, fastest GEMM); otherwise one graph does both.
+    """
+
+    def __init__(self, session: ort.InferenceSession, geometry: dict,
+                 step_session: ort.InferenceSession | None = None) -> None:
         self.session = session
+        self.step_session = step_session or session
         self.geometry = geometry
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -63,7 +69,8 @@ class Decoder:
         start = cache.length
         positions = np.arange(start, start + embeds.shape[1], dtype=np.int64)[None]
         feeds = {"inputs_embeds": embeds, "position_ids": positions, "attention_bias": bias, **cache.tensors}
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        session = self.step_session if embeds.shape[1] == 1 else self.session
+        outputs = dict(zip(self.output_names, session.run(self.output_names, feeds)))
         cache.update(outputs)
         return outputs["logits"][0]
 

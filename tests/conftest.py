@@ -51,3 +51,13 @@ def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
     base = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) % 256], axis=-1)
     pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def quantized(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The qwen3_gqa variant exported under every quantized plan."""
+    from export.exporter import export
+    from export.plan import PLANS
+
+    root = tmp_path_factory.mktemp("quantized")
+    return {quant: export(str(checkpoints["qwen3_gqa"]), root / quant, quant=quant) for quant in PLANS}

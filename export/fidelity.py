@@ -1,0 +1,59 @@
+"""How far a quantized export is from the fp32 one: teacher-forced next-token logits, compared position by position.
+
+Both models read the same image and prompt, then the same continuation (the fp32 model's greedy tokens, fed to
+both whatever the candidate would have chosen), so every position is compared under identical context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.captioner import Captioner, ImageSource
+from runtime.decoder import prefill_bias
+from runtime.prompt import encode, prompt_text
+
+
+def _prefill(captioner: Captioner, image: ImageSource, prompt: str, max_crops: int | None):
+    encoded = captioner.encode_image(image, max_crops)
+    text = prompt_text(prompt, encoded.inputs.grid, captioner.manifest.prompt, captioner.manifest.tokens["bos"],
+                       captioner.reserved)
+    ids = encode(captioner.tokenizer, text)
+    embeds = captioner.embed(ids[None])
+    captioner._add_image_embeddings(embeds, ids, encoded.embeddings)
+    cache = captioner.decoder.new_cache()
+    return captioner.decoder.forward(embeds, prefill_bias(ids, captioner.structure_ids), cache), cache
+
+
+def teacher_forced_logits(captioner: Captioner, image: ImageSource, prompt: str, tokens: list[int] | None,
+                          positions: int, max_crops: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Logits at `positions` consecutive positions after the prompt, feeding `tokens` (or, when None, this model's
+    own greedy choices, which are returned for the other model to follow)."""
+    logits, cache = _prefill(captioner, image, prompt, max_crops)
+    rows, fed = [logits], []
+    for step in range(positions - 1):
+        token = int(np.argmax(logits)) if tokens is None else tokens[step]
+        fed.append(token)
+        bias = np.zeros((1, 1, 1, cache.length + 1), dtype=np.float32)
+        logits = captioner.decoder.forward(captioner.embed(np.array([[token]], dtype=np.int64)), bias, cache)
+        rows.append(logits)
+    return np.stack(rows), fed
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and cosine similarity of two [positions, vocab] logit arrays."""
+    cosine = np.sum(reference * candidate, axis=1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))
+    return {
+        "positions": int(len(reference)),
+        "top1_agreement": float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))),
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+    }
+
+
+def fidelity(reference: Captioner, candidate: Captioner, image: ImageSource, prompt: str, positions: int = 256,
+             max_crops: int | None = None) -> dict[str, float]:
+    """Compare `candidate` with `reference` over `positions` teacher-forced positions."""
+    ref_logits, tokens = teacher_forced_logits(reference, image, prompt, None, positions, max_crops)
+    cand_logits, _ = teacher_forced_logits(candidate, image, prompt, tokens, positions, max_crops)
+    return compare(ref_logits, cand_logits)

@@ -1,0 +1,92 @@
+"""Weight quantization of linear layers: which kernel each projection uses and how its weight is stored.
+
+Three kernels, chosen per layer by the export plan (`export/plan.py`):
+- fp32 `MatMul`;
+- int8 per-output-channel symmetric weights with `DynamicQuantizeMatMul` (activations quantized per call): fast GEMM
+  (VNNI/AMX) for prefill and the vision encoder, whose cost is arithmetic;
+- `MatMulNBits` block-wise 4- or 8-bit weights: fewest bytes per decode step, whose cost is reading weights.
+Block quantization uses ONNX Runtime's own C++ quantizers, the ones its `MatMulNBitsQuantizer` calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+from .onnx_graph import GraphBuilder
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantLinear:
+    """How one linear layer is stored and computed."""
+
+    kind: str  # "fp32", "int8" or "nbits"
+    bits: int = 4
+    block_size: int = 32
+    accuracy_level: int = 4
+
+    @property
+    def label(self) -> str:
+        if self.kind != "nbits":
+            return self.kind
+        return f"int{self.bits}-block{self.block_size}-acc{self.accuracy_level}"
+
+    def to_dict(self) -> dict:
+        if self.kind != "nbits":
+            return {"kind": self.kind}
+        return {"kind": self.kind, "bits": self.bits, "block_size": self.block_size,
+                "accuracy_level": self.accuracy_level}
+
+
+FP32 = QuantLinear("fp32")
+
+
+def quantize_int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] float weight -> int8 [in, out] and per-output-channel scales [out] (symmetric)."""
+    scale = np.abs(weight).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale
+
+
+def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] float weight -> MatMulNBits' packed [out, blocks, blob] uint8 and scales [out, blocks] (symmetric)."""
+    n, k = weight.shape
+    blocks = (k + block_size - 1) // block_size
+    kernel_input = np.ascontiguousarray(weight.T, dtype=np.float32)
+    if blocks * block_size != k:
+        kernel_input = np.pad(kernel_input, ((0, blocks * block_size - k), (0, 0)))
+    packed = np.zeros((n, blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, (blocks * bits + 7) // 8), dtype=np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, kernel_input, scales, zero_points, block_size, n, blocks * block_size, True)
+    return packed, scales
+
+
+def linear_node(g: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None, how: QuantLinear,
+                name: str) -> str:
+    """`x @ weight.T (+ bias)` for a torch-layout [out, in] weight, stored and computed as `how` says."""
+    out_features, in_features = weight.shape
+    if how.kind == "fp32":
+        y = g.op("MatMul", [x, g.weight(f"{name}.weight_t", weight.T)], hint=f"{name}.out")
+    elif how.kind == "int8":
+        q, scale = quantize_int8_per_channel(weight)
+        y = g.op("DynamicQuantizeMatMul", [x, g.weight(f"{name}.weight_q8", q), g.weight(f"{name}.scale", scale)],
+                 domain=MS, hint=f"{name}.out")
+    elif how.kind == "nbits":
+        packed, scales = quantize_blockwise(weight, how.bits, how.block_size)
+        attrs = {"K": in_features, "N": out_features, "bits": how.bits, "block_size": how.block_size}
+        if how.accuracy_level:
+            attrs["accuracy_level"] = how.accuracy_level
+        y = g.op("MatMulNBits", [x, g.weight(f"{name}.weight_q{how.bits}", packed),
+                                 g.weight(f"{name}.scales", scales)], domain=MS, hint=f"{name}.out", **attrs)
+    else:
+        raise ValueError(f"unknown linear kind {how.kind!r}")
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(f"{name}.bias", bias)], hint=f"{name}.out")
+    return y
