@@ -43,6 +43,8 @@ def model_options(f):
                      help="Where to run: auto uses CUDA when onnxruntime-gpu is installed."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line."),
         click.option("--stream", is_flag=True, help="Print the text as it is generated."),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache "
+                     "($MOLMOCAP_CACHE_DIR, default ~/.cache/molmocap)."),
     ]):
         f = option(f)
     return f
@@ -50,42 +52,54 @@ def model_options(f):
 
 def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | None, max_new_tokens: int,
                max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
-               style: str | None = None, lang: str | None = None) -> None:
+               style: str | None = None, lang: str | None = None, no_cache: bool = False, write_xmp: bool = False,
+               force: bool = False) -> None:
     """Answer every prompt about each image in turn; every image is checked before the model runs.
 
-    Several prompts about one image share its vision encoding and the KV cache of the image prefix.
+    Several prompts about one image share its vision encoding and the KV cache of the image prefix. Results
+    come from the result cache when it has them (the model is then not even loaded).
     """
-    from runtime import Captioner
+    from runtime.batch import Runner, file_sha256, rounded_timings
+    from runtime.cache import ResultCache
     from runtime.image_io import load_image
     from runtime.styles import finish
+    from runtime.xmp import check_sidecar, write_sidecar
 
     if as_json and stream:
         raise click.UsageError("--json and --stream cannot be combined")
     if stream and style in ("alt", "seo", "tags"):
         raise click.UsageError(f"--stream prints raw text; --style {style} cleans the whole answer afterwards")
     loaded = [load_image(image) for image in images]
-    captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
+    digests = [file_sha256(image) for image in images]
+    if write_xmp:
+        for image in images:
+            check_sidecar(image, force)
+    captioner = Runner(resolve_model(model), max_new_tokens, max_crops, style, threads=threads, device=device,
+                       cache=None if no_cache else ResultCache())
     if style and prompts == [None]:
         prompts = [captioner.style_prompt(style, lang)]
+    captioner.load_unless_cached(digests, prompts)
     several = len(images) * len(prompts) > 1
-    for path, image in zip(images, loaded):
-        source = captioner.encode_image(image, max_crops) if len(prompts) > 1 else image
-        crops = None if len(prompts) > 1 else max_crops
+    for path, image, digest in zip(images, loaded, digests):
         for prompt in prompts:
             label = f"{path}: " if len(prompts) == 1 else f"{path}: {prompt}: " if len(images) > 1 else f"{prompt}: "
             if stream:
                 click.echo(label if several else "", nl=False)
-                captioner.generate(source, prompt, max_new_tokens, crops,
-                                   on_text=lambda piece: click.echo(piece, nl=False))
+                result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1,
+                                            on_text=lambda piece: click.echo(piece, nl=False))
                 click.echo()
+                if write_xmp:
+                    write_sidecar(path, result.text, captioner.model_id, force)
                 continue
-            result = captioner.generate(source, prompt, max_new_tokens, crops)
+            result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1)
             value = finish(style, result.text) if style else result.text
+            if write_xmp:
+                write_sidecar(path, value, captioner.model_id, force)
             text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
             if as_json:
                 row = {"image": path, "prompt": prompt, "text": text, "token_ids": result.token_ids,
                        "prompt_tokens": result.prompt_tokens,
-                       "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+                       "timings": rounded_timings(result.timings)}
                 if style:
                     row.update(style=style, raw_text=result.text)
                     if not isinstance(value, str):
@@ -105,8 +119,9 @@ def main() -> None:
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the ONNX model into.")
-@click.option("--quant", type=click.Choice(["fp32"]), default="fp32", show_default=True,
-              help="Weight precision of the exported model.")
+@click.option("--quant", type=click.Choice(["fp32", "int8", "int4", "mixed"]), default="fp32", show_default=True,
+              help="Weight precision: int8 everywhere; int4 decoder with int8 vision (least memory); mixed adds an "
+                   "int8 prefill copy of the decoder for a fast first token.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def export(src: str, out: Path, quant: str, force: bool) -> None:
     """Export a Molmo2 checkpoint SRC (a local directory, or a hub id when online) to ONNX.
@@ -125,15 +140,69 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
                    "or tags (JSON list). Default: the model's caption prompt.")
 @click.option("--lang", default=None, metavar="LANGUAGE", help="Ask for the caption in this language.")
 @click.option("--prompt", default=None, help="Instruction to use instead of the style's (overrides --style).")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append one row per image to this results file; a rerun skips the images it holds, "
+                   "a bad image becomes an error row (exit status 2 at the end).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="Results file format (default: csv for a .csv file, else jsonl).")
+@click.option("--write-xmp", is_flag=True, help="Write an XMP sidecar (photo.jpg -> photo.xmp) per image.")
+@click.option("--force", is_flag=True, help="With --write-xmp: replace sidecars molmocap did not write.")
 @model_options
-def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, **options) -> None:
-    """Caption one or more IMAGES.
+def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, out: Path | None,
+            fmt: str | None, write_xmp: bool, force: bool, **options) -> None:
+    """Caption IMAGES: files, directories (searched recursively) or quoted glob patterns ("photos/**/*.jpg").
 
-    Examples: molmocap caption photo.jpg --json; molmocap caption photo.jpg --style alt
+    Examples: molmocap caption photo.jpg --json; molmocap caption photo.jpg --style alt;
+    molmocap caption photos/ -o results.jsonl --write-xmp
     """
+    from runtime.batch import discover
+
     if lang and not style and not prompt:
         style = "short"
-    run_images(images, [prompt], style=None if prompt else style, lang=lang, **options)
+    if fmt and out is None:
+        raise click.UsageError("--format applies to the results file: give -o FILE")
+    if force and not write_xmp:
+        raise click.UsageError("--force applies to --write-xmp")
+    if out is not None:
+        caption_to_file(discover(images), out, fmt, prompt, None if prompt else style, lang, write_xmp, force,
+                        **options)
+        return
+    run_images(tuple(discover(images)), [prompt], style=None if prompt else style, lang=lang, write_xmp=write_xmp,
+               force=force, **options)
+
+
+def caption_to_file(images: list[str], out: Path, fmt: str | None, prompt: str | None, style: str | None,
+                    lang: str | None, write_xmp: bool, force: bool, model: str | None, max_new_tokens: int,
+                    max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
+                    no_cache: bool) -> None:
+    """`caption -o`: resumable batch into a results file, with a progress bar when stderr is a terminal."""
+    from runtime.batch import Runner, output_format, run_batch
+    from runtime.cache import ResultCache
+
+    if as_json or stream:
+        raise click.UsageError("-o writes a results file: --json and --stream do not apply (see --format)")
+    runner = Runner(resolve_model(model), max_new_tokens, max_crops, style, threads=threads, device=device,
+                    cache=None if no_cache else ResultCache())
+    if style and prompt is None:
+        prompt = runner.style_prompt(style, lang)
+    fmt = output_format(out, fmt)
+
+    tty = sys.stderr.isatty()
+    clear_bar = "\r\x1b[K" if tty else ""  # an error line replaces the progress bar, which redraws below it
+
+    def report(message: str) -> None:
+        click.echo(f"{clear_bar}error: {message}", err=True)
+
+    if tty:
+        with click.progressbar(length=len(images), label="captioning", file=sys.stderr) as bar:
+            summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, on_error=report,
+                                on_progress=lambda _: bar.update(1))
+    else:
+        summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, on_error=report)
+    click.echo(f"{summary.total} images: {summary.computed} captioned, {summary.cached} from the cache, "
+               f"{summary.skipped} already in {out}, {summary.failed} failed", err=True)
+    if summary.failed:
+        raise InputError(f"{summary.failed} of {summary.total} images failed; their rows in {out} hold the errors")
 
 
 @main.command()
@@ -154,6 +223,75 @@ def ask(image: str, question: str | None, questions: tuple[str, ...], **options)
     if any(not q.strip() for q in asked):
         raise InputError("the question is empty")
     run_images((image,), asked, **options)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; the default takes connections from this machine only.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="MOLMOCAP_API_KEY", default=None, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on every route but /health (default: $MOLMOCAP_API_KEY).")
+@click.option("--model", "model", metavar="DIR", help="Exported model directory "
+              "(default: $MOLMOCAP_MODEL, else the embedded demo model).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where to run: auto uses CUDA when onnxruntime-gpu is installed.")
+@click.option("--max-request-mb", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Largest request body accepted, in MiB (413 beyond it).")
+def serve(host: str, port: int, api_key: str | None, model: str | None, threads: int | None, device: str,
+          max_request_mb: int) -> None:
+    """Serve the model over HTTP: /v1/caption, /v1/ask, OpenAI-compatible /v1/chat/completions, /health, /metrics.
+
+    Requests queue on the one model. Images travel inline (base64 or data URIs); remote URLs are refused.
+
+    Example: molmocap serve --model ./molmo2-4b-onnx --api-key KEY
+    """
+    try:
+        import uvicorn
+
+        from serve import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"serve needs starlette and uvicorn ({exc}); "
+                                   "install them with: pip install 'molmocap[serve]'") from None
+    from runtime import Captioner
+
+    captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
+    app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024)
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "
+                   "the model", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect or empty the result cache ($MOLMOCAP_CACHE_DIR/results.sqlite, default ~/.cache/molmocap)."""
+
+
+@cache_group.command("stats")
+def cache_stats() -> None:
+    """Print the cache's path, entries, size on disk and entries per model."""
+    from runtime.cache import ResultCache
+
+    stats = ResultCache().stats()
+    click.echo(f"path: {stats.path}\nentries: {stats.entries}\nsize: {stats.size_bytes} bytes")
+    for model_id, label, entries in stats.models:
+        click.echo(f"model {model_id[:16]} ({label}): {entries} entries")
+
+
+@cache_group.command("clear")
+@click.option("--model", "model", metavar="DIR", default=None, help="Clear only this model's entries.")
+def cache_clear(model: str | None) -> None:
+    """Delete the cached results (all, or one model's); a corrupt cache file is deleted."""
+    from runtime.cache import ResultCache, model_id
+    from runtime.manifest import load_manifest
+
+    if model is not None:
+        load_manifest(model)
+    cache = ResultCache()
+    removed = cache.clear(model_id(model) if model is not None else None)
+    click.echo(f"deleted the unreadable cache file {cache.path}" if removed is None else f"removed {removed} entries")
 
 
 def entry() -> None:

@@ -23,3 +23,9 @@ class ExportError(MolmocapError):
     """An export that cannot be done: an unreadable checkpoint, an unsupported configuration."""
 
     exit_code = 1
+
+
+class CacheError(MolmocapError):
+    """A result cache that `molmocap cache` cannot read or change (captioning only warns and goes on without it)."""
+
+    exit_code = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
 HUB_LAYOUT = "hub_layout"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_result_cache(tmp_path_factory) -> Path:
+    """Keep every test (and the CLI processes they start) off the user's result cache."""
+    path = tmp_path_factory.mktemp("result-cache")
+    previous = os.environ.get("MOLMOCAP_CACHE_DIR")
+    os.environ["MOLMOCAP_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["MOLMOCAP_CACHE_DIR"]
+    else:
+        os.environ["MOLMOCAP_CACHE_DIR"] = previous
 CHECKPOINT_NAMES = [*tiny_models.VARIANTS, HUB_LAYOUT]
 
 

@@ -1,0 +1,396 @@
+"""Batch captioning: find the images, serve what the cache holds, and append one durable row per image.
+
+A results file (JSON lines or CSV) survives a kill at any moment: each row is one `write` of a whole line followed
+by `fsync`, so at most the row in flight is lost, as a partial last line that the next run cuts off before it
+appends. A rerun with the same file skips every image it already holds a result for, keyed by the image's
+content (sha256), the model id, the prompt and the generation options; the images it holds error rows for are
+tried again (their error rows are dropped first).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import CachedResult, ResultCache, model_id, result_key
+from .captioner import Captioner, EncodedImage, ImageSource, Result
+from .errors import InputError
+from .manifest import load_manifest
+from .preprocess import PreprocessConfig
+from .styles import StyleOutputError, finish, style_prompt
+from .xmp import replace_atomically, write_sidecar
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+FORMATS = ("jsonl", "csv")
+CSV_COLUMNS = ("image", "sha256", "text", "prompt_tokens", "cached", "total_s", "error", "model", "prompt",
+               "options", "key")
+
+
+def discover(args: Iterable[str]) -> list[str]:
+    """Image paths for command-line arguments, so that one command can caption a whole photo library.
+
+    A directory is searched recursively and a glob pattern expanded (`**` spans directories), both for files with
+    an image extension, sorted, hidden files and directories left out; any other argument is taken as a file as it
+    is. Paths seen twice are kept once. A directory without images or a pattern matching none is an `InputError`,
+    before any work starts.
+    """
+    found: list[str] = []
+    seen: set[str] = set()
+    for arg in args:
+        if os.path.isdir(arg):
+            paths = _walk_images(arg)
+            if not paths:
+                raise InputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in directory {arg}")
+        elif not os.path.exists(arg) and any(char in arg for char in "*?["):
+            paths = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p) and _is_image_name(p))
+            if not paths:
+                raise InputError(f"no images match {arg}")
+        else:
+            paths = [arg]
+        for path in paths:
+            if os.path.normpath(path) not in seen:
+                seen.add(os.path.normpath(path))
+                found.append(path)
+    return found
+
+
+def _is_image_name(name: str) -> bool:
+    return not os.path.basename(name).startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(root: str) -> list[str]:
+    """Image files under `root`, recursively, sorted; hidden directories are not entered."""
+    paths = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths.extend(os.path.join(top, name) for name in files if _is_image_name(name))
+    return sorted(paths)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of an image file's bytes, or an `InputError` naming the file."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        raise InputError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"not an image file but a directory: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read image file {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def rounded_timings(timings: dict) -> dict:
+    """Timings for output: seconds and rates to 4 decimals, flags (`cached`) as they are."""
+    return {k: v if isinstance(v, bool) else round(v, 4) for k, v in timings.items()}
+
+
+class Runner:
+    """A model behind the result cache: its sessions are opened only when the cache lacks a result.
+
+    The run's settings (max_new_tokens, max_crops, style) are fixed; each call names an image, the sha256 of its
+    file and a prompt. A cache hit comes back with timings `{"cached": True, "total_s": lookup seconds}`; a
+    computed result has the captioner's timings plus `"cached": False`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, max_new_tokens: int = 128, max_crops: int | None = None,
+                 style: str | None = None, threads: int | None = None, device: str = "cpu",
+                 cache: ResultCache | None = None) -> None:
+        self.manifest = load_manifest(model_dir)
+        self.model_id = model_id(model_dir)
+        self.model_label = str(self.manifest.data.get("source") or Path(model_dir).resolve().name)
+        self.style = style
+        default_crops = PreprocessConfig.from_dict(self.manifest.preprocess).max_crops
+        self.options = {"max_new_tokens": max_new_tokens, "max_crops": max_crops or default_crops, "style": style}
+        self.cache = cache
+        self._threads, self._device = threads, device
+        self._captioner: Captioner | None = None
+        self._encoded: tuple[str, EncodedImage] | None = None
+
+    def style_prompt(self, style: str, lang: str | None = None) -> str:
+        """The instruction for a caption style, with the model's own phrasing where its manifest has one."""
+        return style_prompt(style, lang, self.manifest.prompt.get("styles"))
+
+    def prompt(self, prompt: str | None) -> str:
+        """The prompt actually sent: `prompt`, or the model's caption prompt for None."""
+        return self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
+
+    def key(self, image_sha256: str, prompt: str | None) -> str:
+        """The result key of an image and prompt under this model and these options."""
+        return result_key(image_sha256, self.model_id, self.prompt(prompt), self.options)
+
+    def load(self) -> Captioner:
+        """The captioner, opening the model's sessions on first use."""
+        if self._captioner is None:
+            self._captioner = Captioner(self.manifest, threads=self._threads, device=self._device)
+        return self._captioner
+
+    def load_unless_cached(self, image_sha256s: Iterable[str], prompts: Sequence[str | None]) -> None:
+        """Open the model now unless the cache holds every result, so that a model failing to open fails first."""
+        if self.cache is None or any(self.cache.get(self.key(sha, prompt)) is None
+                                     for sha in image_sha256s for prompt in prompts):
+            self.load()
+
+    def generate(self, image: ImageSource, image_sha256: str, prompt: str | None,
+                 on_text: Callable[[str], None] | None = None, reuse_image: bool = False) -> Result:
+        """The result for `image` (whose file hashes to `image_sha256`) and `prompt`, from the cache or the model.
+
+        With `reuse_image`, consecutive calls for the same image share its vision encoding and image-prefix KV
+        cache (for several questions about one image).
+        """
+        t0 = time.perf_counter()
+        prompt = self.prompt(prompt)
+        key = self.key(image_sha256, prompt)
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is not None:
+            if on_text is not None:
+                on_text(hit.text)
+            return Result(hit.text, hit.token_ids, hit.prompt_tokens,
+                          {"cached": True, "total_s": time.perf_counter() - t0})
+        captioner = self.load()
+        max_new_tokens, max_crops = self.options["max_new_tokens"], self.options["max_crops"]
+        if reuse_image:
+            if self._encoded is None or self._encoded[0] != image_sha256:
+                self._encoded = (image_sha256, captioner.encode_image(image, max_crops))
+            result = captioner.generate(self._encoded[1], prompt, max_new_tokens, on_text=on_text)
+        else:
+            result = captioner.generate(image, prompt, max_new_tokens, max_crops, on_text=on_text)
+        result.timings["cached"] = False
+        if self.cache is not None:
+            self.cache.put(key, image_sha256, self.model_id, self.model_label, prompt, self.options,
+                           CachedResult(result.text, result.token_ids, result.prompt_tokens))
+        return result
+
+
+def output_format(path: str | os.PathLike, fmt: str | None) -> str:
+    """`fmt` when given, else from the file name: `.csv` is csv, anything else JSON lines."""
+    return fmt or ("csv" if str(path).lower().endswith(".csv") else "jsonl")
+
+
+class ResultsFile:
+    """An append-only results file, JSON lines or CSV, that a kill cannot corrupt and a rerun resumes.
+
+    JSON rows carry image, sha256, key, model (id), prompt, options, text, token_ids, prompt_tokens, timings and
+    error (null unless the image failed); CSV rows carry `CSV_COLUMNS`, with options as JSON.
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise InputError(f"unknown results format {fmt!r}; use one of {', '.join(FORMATS)}")
+        self.path = Path(path)
+        self.format = fmt
+        self._fd: int | None = None
+
+    def open(self, retry: Iterable[str] = ()) -> set[str]:
+        """Ready the file for appending; returns the keys of the images it holds results for.
+
+        A partial last row (a kill during its write) is cut off, and the error rows of the images in `retry` are
+        dropped (the file is rewritten atomically) so that those images can be tried again.
+        """
+        retry = {os.path.normpath(path) for path in retry}
+        try:
+            data = self.path.read_bytes() if self.path.exists() else b""
+            end = _complete_end(data, self.format)
+            records = self._parse(data[:end])
+            kept = [record for record in records
+                    if not (record.get("error") and os.path.normpath(str(record.get("image"))) in retry)]
+            if len(kept) < len(records):
+                header = [self._encode_header()] if self.format == "csv" else []
+                replace_atomically(self.path, b"".join([*header, *map(self._encode, kept)]))
+            elif end < len(data):
+                os.truncate(self.path, end)
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            if created:
+                _fsync_dir(self.path.parent)
+            if self.format == "csv" and os.fstat(self._fd).st_size == 0:
+                self._write(self._encode_header())
+        except OSError as exc:
+            self.close()
+            raise InputError(f"cannot write results file {self.path}: {exc.strerror or exc}") from None
+        return {record["key"] for record in kept if record.get("key") and not record.get("error")}
+
+    def append(self, row: dict) -> None:
+        """Append one row: a single write of the whole line, then fsync."""
+        try:
+            self._write(self._encode(_csv_record(row) if self.format == "csv" else row))
+        except OSError as exc:
+            raise InputError(f"cannot write results file {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
+
+    def _encode(self, record: dict) -> bytes:
+        if self.format == "jsonl":
+            return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        return _csv_line([record.get(column, "") for column in CSV_COLUMNS])
+
+    def _encode_header(self) -> bytes:
+        return _csv_line(CSV_COLUMNS)
+
+    def _parse(self, data: bytes) -> list[dict]:
+        """The rows of the complete part of the file; anything not written by molmocap is an `InputError`."""
+        text = data.decode("utf-8", errors="replace")
+        if self.format == "csv":
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            if reader.fieldnames is not None and tuple(reader.fieldnames) != CSV_COLUMNS:
+                raise InputError(f"{self.path} is not a molmocap csv results file (its columns differ); "
+                                 "choose another -o")
+            return list(reader)
+        rows = []
+        for number, line in enumerate(text.split("\n")[:-1], start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise InputError(f"{self.path} line {number} is not a JSON object; choose another -o "
+                                 "(or --format csv for a csv file)")
+            rows.append(row)
+        return rows
+
+
+def _complete_end(data: bytes, fmt: str) -> int:
+    """Length of the part of `data` made of whole rows: up to the last newline that ends a record.
+
+    A CSV newline ends a record only outside quotes, i.e. after an even number of `"` (quotes inside a field
+    are doubled, so the parity holds); multi-byte UTF-8 never contains these bytes.
+    """
+    if fmt == "jsonl":
+        return data.rfind(b"\n") + 1
+    end = position = quotes = 0
+    for piece in data.split(b"\n")[:-1]:
+        position += len(piece) + 1
+        quotes += piece.count(b'"')
+        if quotes % 2 == 0:
+            end = position
+    return end
+
+
+def _csv_line(values: Sequence[object]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _csv_record(row: dict) -> dict:
+    """A JSON row's CSV columns."""
+    timings = row.get("timings") or {}
+    cached = timings.get("cached")
+    return {
+        "image": row["image"], "sha256": row["sha256"] or "", "text": row.get("text", ""),
+        "prompt_tokens": row.get("prompt_tokens", ""), "cached": "" if cached is None else str(cached).lower(),
+        "total_s": timings.get("total_s", ""), "error": row["error"] or "", "model": row["model"],
+        "prompt": row["prompt"], "options": json.dumps(row["options"], sort_keys=True), "key": row["key"] or "",
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new directory entry durable (where the platform allows opening directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Summary:
+    """What a batch did: images seen, computed by the model, served by the cache, skipped as done, failed."""
+
+    total: int = 0
+    computed: int = 0
+    cached: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str | os.PathLike, fmt: str,
+              write_xmp: bool = False, force: bool = False, on_error: Callable[[str], None] | None = None,
+              on_progress: Callable[[str], None] | None = None) -> Summary:
+    """Caption `paths` with `prompt` into the results file `out`, skipping the images it already holds.
+
+    A failure of one image (an `InputError`: unreadable, corrupt, prompt too long, a sidecar it must not replace;
+    or a `StyleOutputError`) becomes an error row and a call of `on_error(message)`, and the batch goes on; any
+    other error stops it. `on_progress` is called with each path once it is done.
+    """
+    summary = Summary(total=len(paths))
+    with ResultsFile(out, fmt) as results:
+        done = results.open(retry=paths)
+        for path in paths:
+            sha = key = None
+            try:
+                sha = file_sha256(path)
+                key = runner.key(sha, prompt)
+                if key in done:
+                    summary.skipped += 1
+                    continue
+                result = runner.generate(path, sha, prompt)
+                value = finish(runner.style, result.text) if runner.style else result.text
+                if write_xmp:
+                    write_sidecar(path, value, runner.model_id, force)
+            except (InputError, StyleOutputError) as exc:
+                summary.failed += 1
+                results.append(_row(path, sha, key, runner, prompt, error=str(exc)))
+                if on_error is not None:
+                    on_error(str(exc))
+            else:
+                if result.timings["cached"]:
+                    summary.cached += 1
+                else:
+                    summary.computed += 1
+                results.append(_row(path, sha, key, runner, prompt, result, value))
+            finally:
+                if on_progress is not None:
+                    on_progress(path)
+    return summary
+
+
+def _row(path: str, sha: str | None, key: str | None, runner: Runner, prompt: str | None,
+         result: Result | None = None, value: str | list | dict | None = None, error: str | None = None) -> dict:
+    """A results row; with a style, `text` is the cleaned answer (JSON text for seo and tags, also under `data`)
+    and `raw_text` what the model said."""
+    row: dict = {"image": path, "sha256": sha, "key": key, "model": runner.model_id, "prompt": runner.prompt(prompt),
+                 "options": runner.options}
+    if result is not None:
+        row["text"] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if runner.style:
+            row["raw_text"] = result.text
+            if not isinstance(value, str):
+                row["data"] = value
+        row.update(token_ids=result.token_ids, prompt_tokens=result.prompt_tokens,
+                   timings=rounded_timings(result.timings))
+    row["error"] = error
+    return row

@@ -1,0 +1,289 @@
+"""The HTTP API: Molmo-style caption and ask routes, OpenAI chat completions, health and metrics.
+
+One loaded model serves every request through a single worker thread (see `worker.py`). The app never opens a
+connection of its own: images arrive inline, and remote image URLs are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runtime import Captioner, InputError, MolmocapError, Result
+from runtime.image_io import load_image
+from runtime.styles import STYLES, StyleOutputError, finish
+
+from . import openai_compat
+from .metrics import Metrics
+from .payloads import DEFAULT_MAX_REQUEST_BYTES, ApiError, decode_image, optional_int, optional_str, read_json
+from .worker import ModelWorker, ShuttingDown, finish_reason
+
+log = logging.getLogger("molmocap.serve")
+
+DEFAULT_MAX_NEW_TOKENS = 128
+OPEN_PATHS = frozenset({"/health"})
+CAPTION_FIELDS = ("image", "prompt", "style", "lang", "max_new_tokens", "max_crops")
+ASK_FIELDS = ("image", "prompt", "max_new_tokens", "max_crops")
+
+
+def create_app(captioner: Captioner, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Starlette:
+    """The ASGI app serving `captioner`; with `api_key`, every route but /health wants `Authorization: Bearer`."""
+    server = _Server(captioner, max_request_bytes)
+    routes = [
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_route, methods=["GET"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/caption", server.caption, methods=["POST"]),
+        Route("/v1/ask", server.ask, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+    ]
+    middleware = [Middleware(_Observe, metrics=server.metrics, routes=frozenset(r.path for r in routes))]
+    if api_key:
+        middleware.append(Middleware(_BearerAuth, api_key=api_key))
+    handlers = {ApiError: _api_error_response, HTTPException: _http_error_response, Exception: _internal_error}
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=server.lifespan)
+    app.state.server = server
+    return app
+
+
+class _Server:
+    """The routes, around one model worker and the metrics."""
+
+    def __init__(self, captioner: Captioner, max_request_bytes: int) -> None:
+        self.captioner = captioner
+        self.worker = ModelWorker(captioner)
+        self.metrics = Metrics()
+        self.max_request_bytes = max_request_bytes
+        source = captioner.manifest.data.get("source")
+        self.model_name = Path(str(source)).name if source else captioner.manifest.root.name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Stop the model worker when the server stops."""
+        try:
+            yield
+        finally:
+            self.worker.close()
+
+    async def health(self, request: Request) -> Response:
+        manifest = self.captioner.manifest
+        return JSONResponse({"status": "ok", "model": str(manifest.root), "source": manifest.data.get("source"),
+                             "uptime_s": round(time.time() - self.metrics.started, 3),
+                             "pending_generations": self.worker.pending})
+
+    async def metrics_route(self, request: Request) -> Response:
+        accept = request.headers.get("accept", "")
+        if "text/plain" in accept or "openmetrics" in accept:
+            return PlainTextResponse(self.metrics.prometheus(self.worker.pending),
+                                     media_type="text/plain; version=0.0.4; charset=utf-8")
+        return JSONResponse(self.metrics.snapshot(self.worker.pending))
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                         "created": int(self.metrics.started),
+                                                         "owned_by": "molmocap"}]})
+
+    async def caption(self, request: Request) -> Response:
+        body = await self._body(request, CAPTION_FIELDS)
+        prompt, style, lang = optional_str(body, "prompt"), optional_str(body, "style"), optional_str(body, "lang")
+        if style is not None and style not in STYLES:
+            raise ApiError(400, f"unknown style {style!r}; choose one of {', '.join(STYLES)}", param="style")
+        if prompt is not None and (style or lang):
+            raise ApiError(400, "give either prompt or style/lang, not both", param="prompt")
+        if lang and not style:
+            style = "short"
+        if style:
+            prompt = self.captioner.style_prompt(style, lang)
+        return await self._answer(body, prompt, style)
+
+    async def ask(self, request: Request) -> Response:
+        body = await self._body(request, ASK_FIELDS)
+        prompt = optional_str(body, "prompt")
+        if prompt is None:
+            raise ApiError(400, "/v1/ask needs a prompt: the question about the image", param="prompt")
+        return await self._answer(body, prompt, None)
+
+    async def _body(self, request: Request, fields: tuple[str, ...]) -> dict:
+        body = await read_json(request, self.max_request_bytes)
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise ApiError(400, f"unknown field {', '.join(map(repr, unknown))}; this route takes "
+                                f"{', '.join(fields)}", param=unknown[0])
+        return body
+
+    async def _answer(self, body: dict, prompt: str | None, style: str | None) -> Response:
+        """Run the model for /v1/caption and /v1/ask and answer in the hosted Molmo API's shape."""
+        max_new_tokens = optional_int(body, "max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+        max_crops = optional_int(body, "max_crops")
+        image = await self._image(decode_image(body.get("image")), "image")
+        result = await self._generate(image, prompt, max_new_tokens, max_crops)
+        answer: dict = {"text": result.text}
+        if style:
+            try:
+                value = finish(style, result.text)
+            except StyleOutputError as exc:
+                raise ApiError(500, str(exc), type="server_error", code="style_output_error") from None
+            answer = {"text": value if isinstance(value, str) else json.dumps(value, ensure_ascii=False),
+                      "style": style, "raw_text": result.text}
+            if not isinstance(value, str):
+                answer["data"] = value
+        answer.update(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
+                      finish_reason=finish_reason(result, max_new_tokens, self.captioner.max_positions),
+                      timings={k: round(v, 4) for k, v in result.timings.items()})
+        return JSONResponse(answer)
+
+    async def chat_completions(self, request: Request) -> Response:
+        chat = openai_compat.parse_chat_request(await read_json(request, self.max_request_bytes), self.model_name)
+        image = await self._image(chat.image, "image_url")
+        completion_id = openai_compat.new_completion_id()
+        if not chat.stream:
+            result = await self._generate(image, chat.prompt, chat.max_new_tokens, chat.max_crops)
+            reason = finish_reason(result, chat.max_new_tokens, self.captioner.max_positions)
+            return JSONResponse(openai_compat.completion(completion_id, chat, result, reason))
+        events = self.worker.stream(image, chat.prompt, chat.max_new_tokens, chat.max_crops)
+        try:
+            first = await anext(events)
+        except Exception as exc:  # noqa: BLE001 - errors before the first token get a proper status code
+            raise _runtime_error(exc) from None
+        return StreamingResponse(self._sse(chat, completion_id, first, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, chat: openai_compat.ChatRequest, completion_id: str, first: str | Result,
+                   events: AsyncIterator[str | Result]) -> AsyncIterator[str]:
+        """OpenAI's stream: a role chunk, content chunks, a finish chunk, optionally usage, then [DONE]."""
+
+        def event(data: dict) -> str:
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        try:
+            yield event(openai_compat.chunk(completion_id, chat, {"role": "assistant", "content": ""}))
+            item = first
+            while isinstance(item, str):
+                yield event(openai_compat.chunk(completion_id, chat, {"content": item}))
+                item = await anext(events)
+            self._count_tokens(item)
+            reason = finish_reason(item, chat.max_new_tokens, self.captioner.max_positions)
+            yield event(openai_compat.chunk(completion_id, chat, {}, reason))
+            if chat.include_usage:
+                yield event(openai_compat.chunk(completion_id, chat, None, result=item))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, as OpenAI does
+            yield event(_runtime_error(exc).body())
+        finally:
+            await events.aclose()
+
+    async def _image(self, data: bytes, param: str) -> Image.Image:
+        """Decode off the event loop and before queueing, so a bad image fails without waiting for the model."""
+        try:
+            return await run_in_threadpool(load_image, data)
+        except InputError as exc:
+            raise ApiError(400, str(exc), param=param) from None
+
+    async def _generate(self, image: Image.Image, prompt: str | None, max_new_tokens: int,
+                        max_crops: int | None) -> Result:
+        try:
+            result = await self.worker.generate(image, prompt, max_new_tokens, max_crops)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code and a one-line message
+            raise _runtime_error(exc) from None
+        self._count_tokens(result)
+        return result
+
+    def _count_tokens(self, result: Result) -> None:
+        self.metrics.add_tokens(result.prompt_tokens, len(result.token_ids))
+
+
+def _runtime_error(exc: Exception) -> ApiError:
+    """A failure of the model call as an `ApiError`: bad input is the client's (400), the rest the server's."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InputError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, ShuttingDown):
+        return ApiError(503, "the server is shutting down", type="server_error")
+    if isinstance(exc, MolmocapError):
+        return ApiError(500, str(exc), type="server_error")
+    log.error("generation failed", exc_info=exc)
+    return ApiError(500, "internal error while generating; see the server log", type="server_error")
+
+
+async def _api_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = ApiError(exc.status_code, exc.detail, type="invalid_request_error")
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse(ApiError(500, "internal server error; see the server log", type="server_error").body(),
+                        status_code=500)
+
+
+class _Observe:
+    """ASGI middleware recording each HTTP request's route, status and latency (to the end of its body)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope["path"] if scope["path"] in self.routes else "other"  # bounded label set
+            self.metrics.observe(route, status, time.perf_counter() - start)
+
+
+class _BearerAuth:
+    """ASGI middleware answering 401 unless `Authorization: Bearer <api_key>`; /health stays open."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                         code="invalid_api_key")
+        response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
