@@ -28,7 +28,7 @@ _V = "model.vision_backbone"  # original ViT + adapter prefix
 _B = f"{_V}.image_vit.transformer.resblocks"  # original ViT blocks
 
 # transformers key (full match) -> original key. Fused tensors (att_proj, ff_proj, wte) are built
-# separately in `_hub_state_dict`, because one original tensor covers several transformers tensors.
+# separately in `hub_state_dict`, because one original tensor covers several transformers tensors.
 _RENAMES: list[tuple[str, str]] = [
     (r"lm_head\.weight", "lm_head.weight"),
     (r"model\.language_model\.norm\.weight", f"{_T}.ln_f.weight"),
@@ -56,7 +56,7 @@ _FUSED: dict[str, tuple[str, ...]] = {
 }
 
 
-def _hub_state_dict(model: Molmo2ForConditionalGeneration, vit_depth: int) -> dict[str, torch.Tensor]:
+def hub_state_dict(model: Molmo2ForConditionalGeneration, vit_depth: int) -> dict[str, torch.Tensor]:
     """Original-named tensors; ViT layers at index >= `vit_depth` are left out, as on the hub."""
     sd = dict(model.state_dict())
     text = model.config.text_config
@@ -87,7 +87,7 @@ def _hub_state_dict(model: Molmo2ForConditionalGeneration, vit_depth: int) -> di
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _hub_config(model: Molmo2ForConditionalGeneration, declared_vit_layers: int, used: list[int]) -> dict:
+def hub_config(model: Molmo2ForConditionalGeneration, declared_vit_layers: int, used: list[int]) -> dict:
     """`config.json` as the AllenAI remote code writes it (original key names, legacy `vit_config`)."""
     cfg = model.config
     vit, adapter, text = cfg.vision_config, cfg.adapter_config, cfg.text_config
@@ -200,9 +200,9 @@ def save_hub_layout(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(_hub_config(model, declared, used), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hub_config(model, declared, used), indent=2) + "\n")
 
-    tensors = _hub_state_dict(model, vit_depth)
+    tensors = hub_state_dict(model, vit_depth)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(tensors):
