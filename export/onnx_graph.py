@@ -60,7 +60,7 @@ class GraphBuilder:
         pad = (-self._data.tell()) % _ALIGN
         self._data.write(b"\0" * pad)
         offset = self._data.tell()
-        self._data.write(array.tobytes())
+        self._data.write(memoryview(array.reshape(-1)).cast("B"))
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(array.nbytes))):

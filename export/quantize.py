@@ -45,11 +45,25 @@ class QuantLinear:
 FP32 = QuantLinear("fp32")
 
 
+CHUNK_ROWS = 8192  # rows quantized at a time, so temporaries stay small for the 152k-row tables
+
+
+def quantize_int8_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, cols] float -> int8 [rows, cols] and per-row scales [rows] (symmetric, max-abs over the row)."""
+    q = np.empty(weight.shape, dtype=np.int8)
+    scale = np.empty(weight.shape[0], dtype=np.float32)
+    for start in range(0, weight.shape[0], CHUNK_ROWS):
+        rows = weight[start:start + CHUNK_ROWS]
+        s = np.abs(rows).max(axis=1) / np.float32(127.0)
+        s[s == 0] = 1.0
+        scale[start:start + CHUNK_ROWS] = s
+        q[start:start + CHUNK_ROWS] = np.clip(np.rint(rows / s[:, None]), -127, 127)
+    return q, scale
+
+
 def quantize_int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[out, in] float weight -> int8 [in, out] and per-output-channel scales [out] (symmetric)."""
-    scale = np.abs(weight).max(axis=1) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+    q, scale = quantize_int8_rows(weight)
     return np.ascontiguousarray(q.T), scale
 
 
@@ -57,14 +71,20 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[
     """[out, in] float weight -> MatMulNBits' packed [out, blocks, blob] uint8 and scales [out, blocks] (symmetric)."""
     n, k = weight.shape
     blocks = (k + block_size - 1) // block_size
-    kernel_input = np.ascontiguousarray(weight.T, dtype=np.float32)
-    if blocks * block_size != k:
-        kernel_input = np.pad(kernel_input, ((0, blocks * block_size - k), (0, 0)))
     packed = np.zeros((n, blocks, block_size * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, (blocks * bits + 7) // 8), dtype=np.uint8)
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    quantize(packed, kernel_input, scales, zero_points, block_size, n, blocks * block_size, True)
+    for start in range(0, n, CHUNK_ROWS):
+        rows = weight[start:start + CHUNK_ROWS]
+        kernel_input = np.zeros((blocks * block_size, len(rows)), dtype=np.float32)
+        kernel_input[:k] = rows.T
+        zero_points = np.zeros((len(rows), (blocks * bits + 7) // 8), dtype=np.uint8)
+        chunk_packed = np.zeros((len(rows), blocks, block_size * bits // 8), dtype=np.uint8)
+        chunk_scales = np.zeros((len(rows), blocks), dtype=np.float32)
+        quantize(chunk_packed, kernel_input, chunk_scales, zero_points, block_size, len(rows), blocks * block_size,
+                 True)
+        packed[start:start + len(rows)] = chunk_packed
+        scales[start:start + len(rows)] = chunk_scales
     return packed, scales
 
 

@@ -10,7 +10,7 @@ from onnx import TensorProto
 
 from . import layers
 from .onnx_graph import GraphBuilder
-from .quantize import FP32, QuantLinear
+from .quantize import FP32, QuantLinear, quantize_int8_rows
 from .weights import Weights
 
 LM = "model.language_model"
@@ -31,9 +31,8 @@ def build_embed(path: Path, w: Weights, text_cfg, precision: str = "fp32") -> No
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     table = w.get(f"{LM}.embed_tokens.weight")
     if precision == "int8":
-        scale = np.abs(table).max(axis=1) / 127.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = quantize_int8_rows(table)
+        del table
         rows = g.op("Cast", [g.op("Gather", [g.weight(f"{LM}.embed_tokens.weight_q8", q), ids], axis=0)],
                     to=TensorProto.FLOAT)
         scales = g.op("Gather", [g.weight(f"{LM}.embed_tokens.scale", scale), ids], axis=0)

@@ -50,25 +50,41 @@ class Weights:
     def __init__(self, path: Path, text_config) -> None:
         from safetensors import safe_open
 
+        self.path = path
         self.text_config = text_config
         index = path / "model.safetensors.index.json"
         try:
             if index.is_file():
                 shard_of = json.loads(index.read_text())["weight_map"]
             else:
-                with safe_open(path / "model.safetensors", framework="pt") as f:
-                    shard_of = {key: "model.safetensors" for key in f.keys()}
-            self._files = {name: safe_open(path / name, framework="pt") for name in sorted(set(shard_of.values()))}
+                shard_of = {}
+            for name in sorted(set(shard_of.values())) or ["model.safetensors"]:
+                with safe_open(path / name, framework="pt") as f:  # validates every header up front
+                    shard_of.update(dict.fromkeys(f.keys(), name))
         except Exception as exc:  # noqa: BLE001 - any unreadable shard becomes one clear line
             raise ExportError(f"cannot load the weights of {path}: {exc}".splitlines()[0]) from None
         self._shard_of = shard_of
         self._fused: tuple[str, np.ndarray] | None = None
 
-    def _read(self, key: str) -> np.ndarray:
-        try:
-            return self._files[self._shard_of[key]].get_tensor(key).float().numpy()
-        except KeyError:
-            raise ExportError(f"the checkpoint has no tensor {key}") from None
+    def _shape(self, key: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self.path / self._shard_of[key], framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def _read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as float32 (into `out` when given). The shard is mapped only while reading, so its pages
+        leave this process's memory again, and the dtype conversion writes straight into the result."""
+        import torch
+        from safetensors import safe_open
+
+        if key not in self._shard_of:
+            raise ExportError(f"the checkpoint has no tensor {key}")
+        with safe_open(self.path / self._shard_of[key], framework="pt") as f:
+            tensor = f.get_tensor(key)
+        out = np.empty(tuple(tensor.shape), dtype=np.float32) if out is None else out
+        torch.from_numpy(out).copy_(tensor)
+        return out
 
     def _read_fused(self, key: str) -> np.ndarray:
         """Read a fused tensor once for its several parts."""
@@ -109,7 +125,12 @@ class Weights:
             half = fused.shape[0] // 2
             return fused[:half] if match[2] == "up" else fused[half:]
         if name == EMBED:
-            return np.concatenate([self._read(f"{_T}.wte.embedding"), self._read(f"{_T}.wte.new_embedding")])
+            parts = [f"{_T}.wte.embedding", f"{_T}.wte.new_embedding"]
+            rows = [self._shape(part)[0] for part in parts]
+            table = np.empty((sum(rows), self._shape(parts[0])[1]), dtype=np.float32)
+            self._read(parts[0], table[: rows[0]])
+            self._read(parts[1], table[rows[0]:])
+            return table
         if name == "lm_head.weight":
             return self.get(EMBED)[: cfg.vocab_size]
         raise ExportError(f"the checkpoint has no tensor for {name}")

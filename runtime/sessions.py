@@ -11,10 +11,11 @@ from .errors import ModelError
 
 def providers(device: str) -> list[str]:
     """Execution providers for `device` ("cpu", "cuda" or "auto": CUDA when this onnxruntime has it)."""
-    available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where onnxruntime-gpu expects them
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise ModelError("CUDA was asked for, but this onnxruntime has no CUDAExecutionProvider "
@@ -29,9 +30,12 @@ def open_session(path: Path, threads: int | None, device: str) -> ort.InferenceS
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    chosen = providers(device)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers(device))
-    except ModelError:
-        raise
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file becomes one clear line
         raise ModelError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise ModelError("CUDA was asked for, but ONNX Runtime's CUDA provider did not start (check the CUDA and "
+                         "cuDNN libraries onnxruntime-gpu needs)")
+    return session
