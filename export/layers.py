@@ -65,7 +65,7 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, heads: int, kv_heads: int
     """
     group = heads // kv_heads
     qg = g.op("Reshape", [q, g.const([0, kv_heads, group, -1, head_dim], np.int64)])
-    kt = g.op("Unsqueeze", [g.op("Transpose", [k], perm=[0, 1, 3, 2]), g.const([2], np.int64)])
+    kt = g.op("Transpose", [g.op("Unsqueeze", [k, g.const([2], np.int64)])], perm=[0, 1, 2, 4, 3])
     scores = g.op("Mul", [g.op("MatMul", [qg, kt]), g.const(head_dim**-0.5)])
     if bias is not None:
         scores = g.op("Add", [scores, bias])

@@ -5,6 +5,9 @@ the vision encoder, the adapter and the prefill are bound by arithmetic, where i
 quantized activations is the fastest kernel; a decode step is bound by the bytes of weights it reads, where 4-bit
 MatMulNBits reads the fewest. `int4` keeps one copy of the decoder in 4 bits (least memory, slow prefill); `mixed`
 adds an int8 copy of the decoder for the prefill (fast first token, more memory).
+
+4-bit blocks of 128: on the 4B decoder a decode step took the same time as with blocks of 32, while the loaded
+session needed 2.6 GB instead of 3.75 GB (MatMulNBits' int8-compute packing keeps per-block scales and sums).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from .quantize import FP32, QuantLinear
 
 INT8 = QuantLinear("int8")
-INT4 = QuantLinear("nbits", bits=4, block_size=32, accuracy_level=4)
+INT4 = QuantLinear("nbits", bits=4, block_size=128, accuracy_level=4)
 
 
 @dataclass(frozen=True)

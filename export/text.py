@@ -103,8 +103,8 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
             k = layers.rms_norm(g, k, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
         cos, sin = tables["scaled" if i in cfg.rope_scaling_layers else "unscaled"]
         q, k = _apply_rope(g, q, cos, sin), _apply_rope(g, k, cos, sin)
-        k = g.op("Concat", [past_k, k], axis=2)
-        v = g.op("Concat", [past_v, v], axis=2)
+        k = g.op("Concat", [past_k, k], axis=2, hint=present_k)
+        v = g.op("Concat", [past_v, v], axis=2, hint=present_v)
         g.output(k, present_k, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
         g.output(v, present_v, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
 
