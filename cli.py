@@ -226,6 +226,45 @@ def ask(image: str, question: str | None, questions: tuple[str, ...], **options)
 
 
 @main.command()
+@click.argument("image")
+@click.argument("label")
+@click.option("--draw", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.png",
+              help="Also save the image with the points marked (.png, .jpg or .webp).")
+@click.option("--model", "model", metavar="DIR", help="Exported model directory "
+              "(default: $MOLMOCAP_MODEL, else the embedded demo model).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Stop after this many generated tokens.")
+@click.option("--max-crops", type=click.IntRange(min=1), default=None, help="High-resolution crops.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: count, points in pixels, raw text.")
+def point(image: str, label: str, draw: Path | None, model: str | None, max_new_tokens: int,
+          max_crops: int | None, threads: int | None, device: str, as_json: bool) -> None:
+    """Point at every LABEL in IMAGE: pixel coordinates and a count, from Molmo2's point output.
+
+    Examples: molmocap point photo.jpg "red car"; molmocap point photo.jpg person --json --draw marked.png
+    """
+    from runtime import Captioner
+    from runtime.image_io import load_image
+    from runtime.pointing import draw_points, parse_points, point_prompt
+
+    prompt = point_prompt(label)
+    picture = load_image(image)
+    captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
+    result = captioner.generate(picture, prompt, max_new_tokens, max_crops)
+    points = parse_points(result.text, *picture.size)
+    if draw is not None:
+        draw_points(picture, points, draw)
+    if as_json:
+        click.echo(json.dumps({"image": image, "label": label, "count": len(points),
+                               "points": [p.to_dict() for p in points], "text": result.text,
+                               "size": list(picture.size)}, ensure_ascii=False))
+    else:
+        where = " ".join(f"({p.x:.0f}, {p.y:.0f})" for p in points)
+        click.echo(f"{len(points)} {label}" + (f": {where}" if points else ""))
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; the default takes connections from this machine only.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
