@@ -34,10 +34,8 @@ def layer_norm(g: GraphBuilder, x: str, w: Weights, prefix: str, eps: float) -> 
 
 
 def gelu_tanh(g: GraphBuilder, x: str) -> str:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), torch's `gelu(approximate="tanh")`."""
-    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
-    inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, g.const(0.044715)])]), g.const(np.sqrt(2.0 / np.pi))])
-    return g.op("Mul", [g.op("Mul", [x, g.const(0.5)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0)])])
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), torch's `gelu(approximate="tanh")`, as one fused kernel."""
+    return g.op("FastGelu", [x], domain="com.microsoft")
 
 
 def silu(g: GraphBuilder, x: str) -> str:

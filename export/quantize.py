@@ -90,23 +90,26 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[
 
 def linear_node(g: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | None, how: QuantLinear,
                 name: str) -> str:
-    """`x @ weight.T (+ bias)` for a torch-layout [out, in] weight, stored and computed as `how` says."""
+    """`x @ weight.T (+ bias)` for a torch-layout [out, in] weight, stored and computed as `how` says.
+
+    The quantized kernels take the bias as an input, which saves a pass over the output.
+    """
     out_features, in_features = weight.shape
+    bias_name = g.weight(f"{name}.bias", bias) if bias is not None else None
     if how.kind == "fp32":
         y = g.op("MatMul", [x, g.weight(f"{name}.weight_t", weight.T)], hint=f"{name}.out")
-    elif how.kind == "int8":
+        return y if bias_name is None else g.op("Add", [y, bias_name], hint=f"{name}.out")
+    if how.kind == "int8":
         q, scale = quantize_int8_per_channel(weight)
-        y = g.op("DynamicQuantizeMatMul", [x, g.weight(f"{name}.weight_q8", q), g.weight(f"{name}.scale", scale)],
-                 domain=MS, hint=f"{name}.out")
-    elif how.kind == "nbits":
+        inputs = [x, g.weight(f"{name}.weight_q8", q), g.weight(f"{name}.scale", scale)]
+        return g.op("DynamicQuantizeMatMul", inputs + (["", bias_name] if bias_name else []), domain=MS,
+                    hint=f"{name}.out")
+    if how.kind == "nbits":
         packed, scales = quantize_blockwise(weight, how.bits, how.block_size)
         attrs = {"K": in_features, "N": out_features, "bits": how.bits, "block_size": how.block_size}
         if how.accuracy_level:
             attrs["accuracy_level"] = how.accuracy_level
-        y = g.op("MatMulNBits", [x, g.weight(f"{name}.weight_q{how.bits}", packed),
-                                 g.weight(f"{name}.scales", scales)], domain=MS, hint=f"{name}.out", **attrs)
-    else:
-        raise ValueError(f"unknown linear kind {how.kind!r}")
-    if bias is not None:
-        y = g.op("Add", [y, g.weight(f"{name}.bias", bias)], hint=f"{name}.out")
-    return y
+        inputs = [x, g.weight(f"{name}.weight_q{how.bits}", packed), g.weight(f"{name}.scales", scales)]
+        return g.op("MatMulNBits", inputs + (["", "", bias_name] if bias_name else []), domain=MS,
+                    hint=f"{name}.out", **attrs)
+    raise ValueError(f"unknown linear kind {how.kind!r}")

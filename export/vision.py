@@ -43,10 +43,14 @@ def build_vision(path: Path, w: Weights, vision_cfg, adapter_cfg, how: QuantLine
         progress(f"vision encoder layer {i + 1}/{depth}")
         p = f"{VIT}.layers.{i}"
         h = layers.layer_norm(g, x, w, f"{p}.layer_norm1", vision_cfg.layer_norm_eps)
-        q = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.q_proj", how), heads, head_dim)
-        k = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.k_proj", how), kv_heads, head_dim)
-        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj", how), kv_heads, head_dim)
-        a = layers.merge_heads(g, layers.attention(g, q, k, v, heads, kv_heads, head_dim, None), heads, head_dim)
+        q = layers.linear(g, h, w, f"{p}.self_attn.q_proj", how)
+        k = layers.linear(g, h, w, f"{p}.self_attn.k_proj", how)
+        v = layers.linear(g, h, w, f"{p}.self_attn.v_proj", how)
+        if heads == kv_heads:
+            a = g.op("MultiHeadAttention", [q, k, v], domain="com.microsoft", num_heads=heads)
+        else:
+            q, k, v = (layers.split_heads(g, t, n, head_dim) for t, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
+            a = layers.merge_heads(g, layers.attention(g, q, k, v, heads, kv_heads, head_dim, None), heads, head_dim)
         x = g.op("Add", [x, layers.linear(g, a, w, f"{p}.self_attn.o_proj", how)])
         h = layers.layer_norm(g, x, w, f"{p}.layer_norm2", vision_cfg.layer_norm_eps)
         h = layers.linear(g, layers.gelu_tanh(g, layers.linear(g, h, w, f"{p}.mlp.fc1", how)), w, f"{p}.mlp.fc2", how)

@@ -110,7 +110,7 @@ VARIANTS = {
             text={"qk_norm_type": "olmo", "num_key_value_heads": 2, "attention_bias": True,
                   "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
                   "rope_scaling_layers": [0, 2]},
-            vision={"num_hidden_layers": 3},
+            vision={"num_hidden_layers": 3, "num_key_value_heads": 2},
             adapter={"vision_feature_layer": [-1, -2]},
             additional_vocab_size=128,
         ),
