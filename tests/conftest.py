@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
 
 import tiny_models  # noqa: E402
 
@@ -75,3 +77,12 @@ def quantized(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("quantized")
     return {quant: export(str(checkpoints["qwen3_gqa"]), root / quant, quant=quant) for quant in PLANS}
+
+
+def molmocap(*args: str, cache_dir: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the command as a user would (`python -m cli` from the repository root), optionally with its own cache."""
+    env = {**os.environ, **(env or {})}
+    if cache_dir is not None:
+        env["MOLMOCAP_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)

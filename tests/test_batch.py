@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import noise_image
+from conftest import molmocap, noise_image
 from runtime.batch import CSV_COLUMNS, ResultsFile, discover, output_format
 from runtime.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 
 
-def molmocap(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOLMOCAP_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def make_tree(root: Path) -> list[Path]:

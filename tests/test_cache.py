@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import noise_image
+from conftest import molmocap, noise_image
 from runtime.cache import CachedResult, ResultCache, default_cache_path, model_id, result_key
 from runtime.errors import CacheError
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 
 
-def molmocap(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOLMOCAP_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def put(cache: ResultCache, key: str, model: str = "m1", text: str = "a cat") -> None:

@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import noise_image
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def molmocap(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+from conftest import molmocap, noise_image
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def test_ask_and_stream_print_the_same_text(exported, images):
 
 
 def test_model_from_environment(exported, images):
-    env = {**__import__("os").environ, "MOLMOCAP_MODEL": str(exported["qwen3_gqa"])}
+    env = {"MOLMOCAP_MODEL": str(exported["qwen3_gqa"])}
     proc = molmocap("caption", str(images["a"]), "--max-new-tokens", "3", env=env)
     assert proc.returncode == 0, proc.stderr
 

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_cli import molmocap
 
-from conftest import noise_image
+from conftest import molmocap, noise_image
 from runtime.errors import InputError
 from runtime.pointing import Point, draw_points, parse_points, point_prompt
 

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from conftest import noise_image
+from conftest import molmocap, noise_image
 from runtime.errors import InputError
 from runtime.xmp import NS, check_sidecar, sidecar_fields, sidecar_path, sidecar_xml, write_sidecar
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 
 
-def molmocap(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOLMOCAP_CACHE_DIR": str(cache_dir)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def parse(data: bytes | Path) -> dict:
