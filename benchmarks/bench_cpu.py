@@ -44,6 +44,25 @@ def bench_image() -> Image.Image:
     return image
 
 
+def machine() -> dict:
+    """CPU model and the instruction sets that decide int8 and bf16 speed, plus library versions."""
+    import platform
+
+    import onnxruntime
+
+    flags = set()
+    model = platform.processor()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ["avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx2"]
+    return {"cpu": model, "cores": os.cpu_count(), "isa": [f for f in wanted if f in flags],
+            "onnxruntime": onnxruntime.__version__}
+
+
 def disk_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e9
 
@@ -217,7 +236,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"cpu-{stamp}.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"threads": args.threads, "tokens": args.tokens, "checkpoint": str(args.checkpoint), "image": "640x480",
-            "prompt": PROMPT, "exports": exports, "fidelity_vs_transformers_bf16": fidelity}
+            "prompt": PROMPT, "machine": machine(), "exports": exports, "fidelity_vs_transformers_bf16": fidelity}
     rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
     out.write_text(json.dumps({"meta": meta, "rows": rounded}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(rows))
