@@ -9,7 +9,11 @@ from .preprocess import ImageInputs
 
 
 def encode_image(vision: ort.InferenceSession, adapter: ort.InferenceSession, inputs: ImageInputs) -> np.ndarray:
-    """Image embeddings [image tokens, text hidden] in prompt order (global view first, then the tiling)."""
-    (features,) = vision.run(None, {"pixel_values": inputs.patches})
+    """Image embeddings [image tokens, text hidden] in prompt order (global view first, then the tiling).
+
+    The ViT sees one crop at a time: crops do not interact, each is already a 729-row product for the GEMMs, and the
+    activations of one crop instead of up to nine keep peak memory down.
+    """
+    features = np.concatenate([vision.run(None, {"pixel_values": crop[None]})[0] for crop in inputs.patches])
     (embeddings,) = adapter.run(None, {"image_features": features, "pooled_patches_idx": inputs.pooled_patches_idx})
     return embeddings
