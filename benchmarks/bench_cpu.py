@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--fidelity", type=int, default=0, metavar="POSITIONS",
                         help="Also compare each plan's logits with transformers' over this many positions.")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--out", type=Path, help="Results file (default benchmarks/results/cpu-<date>.json).")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -233,7 +234,7 @@ def main() -> None:
             print(f"fidelity {quant} vs transformers bf16: {result}", flush=True)
 
     stamp = datetime.date.today().isoformat()
-    out = ROOT / "benchmarks" / "results" / f"cpu-{stamp}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"cpu-{stamp}.json"
     out.parent.mkdir(exist_ok=True)
     meta = {"threads": args.threads, "tokens": args.tokens, "checkpoint": str(args.checkpoint), "image": "640x480",
             "prompt": PROMPT, "machine": machine(), "exports": exports, "fidelity_vs_transformers_bf16": fidelity}
