@@ -236,7 +236,8 @@ def ask(image: str, question: str | None, questions: tuple[str, ...], **options)
               help="Stop after this many generated tokens.")
 @click.option("--max-crops", type=click.IntRange(min=1), default=None, help="High-resolution crops.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where to run: auto uses CUDA when onnxruntime-gpu is installed.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: count, points in pixels, raw text.")
 def point(image: str, label: str, draw: Path | None, model: str | None, max_new_tokens: int,
           max_crops: int | None, threads: int | None, device: str, as_json: bool) -> None:
