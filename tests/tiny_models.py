@@ -2,7 +2,8 @@
 
 Each checkpoint is saved with `save_pretrained` together with a `Molmo2Processor` whose byte-level BPE tokenizer
 puts every Molmo2 special token above the base vocabulary, as the real Qwen3-based tokenizer does, and whose chat
-template lays the prompt out like the released Molmo2 one (images before the user turn).
+template lays the prompt out like the released Molmo2 one (images before the user turn); the special tokens and the
+template are the demo model's (models/demo/tokenizer.py), the one statement of Molmo2's tokenizer layout here.
 """
 
 from __future__ import annotations
@@ -21,41 +22,9 @@ from transformers import (
     TokenizersBackend,
 )
 
-BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MOLMO_EXTRAS = [
-    "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>", "<|image|>", "<im_low>",
-    "<frame_start>", "<frame_end>", "<|video|>", "<|points|>", "<|token_index|>", "<|vit_index|>", "<|vit_loc|>",
-]
-BASE_VOCAB = 384
+from models.demo.tokenizer import BASE_SPECIALS, CHAT_TEMPLATE, MOLMO_EXTRAS
 
-# The released template's layout: "Image N" labels only when several images are given, images before the turn.
-CHAT_TEMPLATE = (
-    "{%- set image_count = namespace(n=0) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is not string -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{%- set image_count.n = image_count.n + 1 -%}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set ns = namespace(i=0) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- set text = namespace(s='') -%}"
-    "{%- if message['content'] is string -%}{%- set text.s = message['content'] -%}{%- else -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{%- set ns.i = ns.i + 1 -%}"
-    "{%- if image_count.n > 1 -%}{{ 'Image ' ~ ns.i }}{%- endif -%}{{ '<|image|>' }}"
-    "{%- elif item['type'] == 'text' -%}{%- set text.s = text.s ~ item['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_start|>user\\n' ~ text.s ~ '<|im_end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
-    "{%- for item in message['content'] -%}{{ item['text'] }}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+BASE_VOCAB = 384
 
 CORPUS = [
     "A red circle sits on the left of a blue background.",

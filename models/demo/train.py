@@ -1,0 +1,234 @@
+"""Train the embedded demo model: a small Molmo2 with the real image geometry, on synthetic scenes, on CPU.
+
+The architecture is transformers' `Molmo2ForConditionalGeneration` with Molmo2's image pipeline unchanged (378-px
+crops, 14-px patches, 2x2 pooling, overlap margins of 4 patches, the released processor's token layout) and small
+widths and depths. Every scene is packed into one prefix-shared sequence (see `packing`); the loss is the answer
+tokens' cross-entropy plus that of a linear probe naming what each global-view image token shows (see `grounding`;
+the probe is not saved). The run is fully determined by `--seed`. Run from the repository root:
+
+    python -m models.demo.train    # writes models/demo/checkpoint/ (about 45-60 min on 2 shared cores)
+
+One thread, because on a 2-core machine shared with other jobs two threads wait on each other: measured here,
+1.3 s per step with one thread against 13 s with two while another job held a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    Molmo2Config,
+    Molmo2ForConditionalGeneration,
+    Molmo2ImageProcessor,
+    Molmo2Processor,
+    Molmo2VideoProcessor,
+    TokenizersBackend,
+)
+
+from .grounding import N_CLASSES, class_weights, token_classes
+from .packing import PackedExample, pack
+from .scenes import CAPTION_PROMPT, DETAILED_PROMPT, HELD_OUT_SEED, Question, make_scene
+from .tokenizer import CHAT_TEMPLATE, MOLMO_EXTRAS, build_tokenizer, user_turn
+
+BASE_VOCAB = 512
+MAX_CROPS = 2
+MAX_TURNS = 18  # caption, detailed caption and up to 16 other questions per packed sequence
+PROBE_WEIGHT = 1.0  # weight of the image-token probe's loss (see `grounding`) beside the answer loss
+VALIDATION_SEED = 10**6  # validation scenes: never trained on, and apart from the held-out test seeds
+TOKENIZER_SCENES = 3000
+OUT_DIR = Path(__file__).parent / "checkpoint"
+
+TEXT = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 3,
+        "head_dim": 32, "intermediate_size": 512, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+VISION = {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6, "num_key_value_heads": 6,
+          "head_dim": 16, "intermediate_size": 192}
+ADAPTER = {"vision_feature_layer": [-1, -3], "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
+           "head_dim": 16, "intermediate_size": 384}
+
+
+def write_prompts(out_dir: Path) -> None:
+    """`molmocap_prompts.json`: the exporter puts the phrasings this model was trained on into the manifest, so the
+    runtime's default caption and its short/detailed/alt styles ask what the demo model understands."""
+    prompts = {"caption": CAPTION_PROMPT,
+               "styles": {"short": CAPTION_PROMPT, "alt": CAPTION_PROMPT, "detailed": DETAILED_PROMPT}}
+    (out_dir / "molmocap_prompts.json").write_text(json.dumps(prompts, indent=1) + "\n")
+
+
+def tokenizer_corpus(n_scenes: int) -> list[str]:
+    """Every prompt turn and answer of the first `n_scenes` training scenes."""
+    corpus = []
+    for seed in range(n_scenes):
+        for q in make_scene(seed).questions:
+            corpus += [user_turn(q.prompt), q.answer + "<|im_end|>"]
+    return corpus
+
+
+def build_processor(tokenizer: TokenizersBackend, max_crops: int) -> Molmo2Processor:
+    """Molmo2's image processor defaults (only `max_crops` lowered) and the released checkpoints' token layout."""
+    return Molmo2Processor(
+        image_processor=Molmo2ImageProcessor(max_crops=max_crops),
+        video_processor=Molmo2VideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_use_col_tokens=True,
+        use_single_crop_col_tokens=False,
+        use_single_crop_start_token=True,
+    )
+
+
+def build_config(tokenizer: TokenizersBackend) -> Molmo2Config:
+    ids = tokenizer.convert_tokens_to_ids
+    return Molmo2Config(
+        text_config={**TEXT, "vocab_size": BASE_VOCAB, "additional_vocab_size": len(MOLMO_EXTRAS)},
+        vision_config={**VISION, "image_size": [378, 378], "patch_size": 14},
+        adapter_config={**ADAPTER, "text_hidden_size": TEXT["hidden_size"]},
+        image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
+        image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
+        frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"),
+    )
+
+
+def training_turns(questions: list[Question], rng: random.Random) -> list[Question]:
+    """Both captions plus a random subset of the other questions, in random order."""
+    captions = [q for q in questions if q.kind in ("caption", "detailed")]
+    others = [q for q in questions if q.kind not in ("caption", "detailed")]
+    chosen = captions + rng.sample(others, min(len(others), MAX_TURNS - len(captions)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def example(processor: Molmo2Processor, seed: int, rng: random.Random) -> tuple[PackedExample, torch.Tensor]:
+    """A scene's packed training sequence and the classes of its global-view image tokens."""
+    scene = make_scene(seed)
+    return pack(processor, scene.image, training_turns(scene.questions, rng)), token_classes(scene)
+
+
+IMAGE_INPUTS = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops")
+
+
+def losses(model: Molmo2ForConditionalGeneration, probe: torch.nn.Linear, ex: PackedExample,
+           classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the answer tokens, and the probe's mean cross-entropy on the global-view tokens.
+
+    The image is encoded once; its features feed both the probe and the language model.
+    """
+    image = model.model.get_image_features(*(ex.inputs[k] for k in IMAGE_INPUTS[:3]))
+    global_view = image.pooler_output[0][: len(classes)]
+    probe_loss = torch.nn.functional.cross_entropy(probe(global_view), classes, weight=class_weights())
+    text_inputs = {k: v for k, v in ex.inputs.items() if k not in IMAGE_INPUTS}
+    logits = model(**text_inputs, mm_encoder_outputs={"image": image}, logits_to_keep=ex.predict_at).logits[0]
+    return torch.nn.functional.cross_entropy(logits, ex.targets, reduction="sum"), probe_loss
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validation_loss(model: Molmo2ForConditionalGeneration, probe: torch.nn.Linear,
+                    examples: list[tuple[PackedExample, torch.Tensor]]) -> float:
+    """Answer-token cross-entropy per token on the validation scenes."""
+    model.eval()
+    total = sum(losses(model, probe, ex, classes)[0].item() for ex, classes in examples)
+    model.train()
+    return total / sum(len(ex.targets) for ex, _ in examples)
+
+
+def train(out_dir: Path, steps: int, batch: int, lr: float, warmup: int, seed: int, log_every: int,
+          threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+
+    print(f"training the tokenizer on the texts of {TOKENIZER_SCENES} scenes")
+    tokenizer = build_tokenizer(tokenizer_corpus(TOKENIZER_SCENES), BASE_VOCAB)
+    processor = build_processor(tokenizer, MAX_CROPS)
+    model = Molmo2ForConditionalGeneration(build_config(tokenizer)).train()
+    ids = tokenizer.convert_tokens_to_ids
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters; {steps} steps of {batch} scenes, peak lr {lr}")
+    probe = torch.nn.Linear(TEXT["hidden_size"], N_CLASSES)
+
+    named = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
+    decay = [p for name, p in named if p.ndim >= 2 and "embedding" not in name]
+    no_decay = [p for name, p in named if p.ndim < 2 or "embedding" in name]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    validation = [example(processor, VALIDATION_SEED + i, random.Random(i)) for i in range(16)]
+    assert VALIDATION_SEED + len(validation) < HELD_OUT_SEED
+
+    log = {"steps": [], "train_loss": [], "probe_loss": [], "val_steps": [], "val_loss": []}
+    start = time.perf_counter()
+    window, window_tokens, probe_window = 0.0, 0, 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, warmup)
+        examples = [example(processor, step * batch + i, rng) for i in range(batch)]
+        tokens = sum(len(ex.targets) for ex, _ in examples)
+        for ex, classes in examples:
+            answer_loss, probe_loss = losses(model, probe, ex, classes)
+            (answer_loss / tokens + PROBE_WEIGHT * probe_loss / batch).backward()
+            window += answer_loss.item()
+            probe_window += probe_loss.item() / batch
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += tokens
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - start
+            done = (step + 1) % log_every or log_every
+            log["steps"].append(step + 1)
+            log["train_loss"].append(round(window / window_tokens, 4))
+            log["probe_loss"].append(round(probe_window / done, 4))
+            window, window_tokens, probe_window = 0.0, 0, 0.0
+            eta = elapsed / (step + 1) * (steps - step - 1)
+            line = (f"step {step + 1}/{steps}  loss {log['train_loss'][-1]:.4f}  probe {log['probe_loss'][-1]:.4f}  "
+                    f"{elapsed / 60:.1f} min, {eta / 60:.0f} min to go")
+            if (step + 1) % (log_every * 5) == 0 or step + 1 == steps:
+                log["val_steps"].append(step + 1)
+                log["val_loss"].append(round(validation_loss(model, probe, validation), 4))
+                line += f"  val {log['val_loss'][-1]:.4f}"
+            print(line, flush=True)
+
+    minutes = (time.perf_counter() - start) / 60
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    write_prompts(out_dir)
+    summary = {"seed": seed, "steps": steps, "batch": batch, "peak_lr": lr, "warmup": warmup, "threads": threads,
+               "parameters": n_params, "train_minutes": round(minutes, 1), "scenes_seen": steps * batch, **log}
+    (out_dir / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"trained in {minutes:.1f} min; wrote {out_dir}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="scenes per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=150, help="warm-up steps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between loss lines (default: %(default)s)")
+    args = parser.parse_args()
+    train(args.out, args.steps, args.batch, args.lr, args.warmup, args.seed, args.log_every, args.threads)
+
+
+if __name__ == "__main__":
+    main()
