@@ -24,13 +24,13 @@ COLORS = {
 }
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 WORDS = ("go", "cat", "stop", "hello", "molmo")
-SIZES = {"small": 0.16, "large": 0.25}  # bounding-box side as a share of the image's shorter side
+SIZES = {"small": 0.2, "large": 0.28}  # bounding-box side as a share of the image's shorter side
 # Slot centres as shares of (width, height), listed in reading order (the order points are written in).
-SLOTS = {"top": (0.5, 0.2), "left": (0.2, 0.5), "center": (0.5, 0.5), "right": (0.8, 0.5), "bottom": (0.5, 0.8)}
+SLOTS = {"top": (0.5, 0.18), "left": (0.18, 0.5), "center": (0.5, 0.5), "right": (0.82, 0.5), "bottom": (0.5, 0.82)}
 SLOT_PHRASES = {"top": "at the top", "left": "on the left", "center": "in the center", "right": "on the right",
                 "bottom": "at the bottom"}
 NUMBERS = ("zero", "one", "two", "three", "four")
-JITTER = 0.03  # slot centre jitter, share of width/height
+JITTER = 0.02  # slot centre jitter, share of width/height
 COLOR_JITTER = 12
 GAP = 4  # minimum pixels between any two drawn things
 
@@ -279,7 +279,7 @@ def make_scene(seed: int) -> Scene:
     scene = Scene(seed=seed, image=image, background=background, objects=objects)
     if rng.random() < 0.4:
         word = rng.choice(WORDS)
-        mask = _word_mask(word, max(2, round(0.13 * short / 11)))
+        mask = _word_mask(word, max(2, round(0.16 * short / 11)))
         free = [s for s in SLOTS if s not in {o.slot for o in objects}]
         for slot in rng.sample(free, len(free)):
             box = _slot_box(rng, slot, mask.width, mask.height, width, height)
