@@ -13,24 +13,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import random
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.demo.scenes import HELD_OUT_SEED, Question, Scene, make_scene  # noqa: E402
-from models.demo.scoring import score_points  # noqa: E402
+from models.demo.scenes import HELD_OUT_SEED, make_scene  # noqa: E402
+from models.demo.scoring import QA_KINDS, Item, eval_items, score_points  # noqa: E402
 
 CHECKPOINT = ROOT / "models" / "demo" / "checkpoint"
 RESULTS = ROOT / "benchmarks" / "results"
-QA_KINDS = ("color", "shape", "count", "position", "presence", "word")
-QUESTIONS_PER_SCENE = 3
 MAX_NEW_TOKENS = 80
 
 
@@ -44,25 +40,6 @@ def quant_modes() -> tuple[str, ...]:
     from export.plan import PLANS
 
     return tuple(PLANS)
-
-
-@dataclass(frozen=True)
-class Item:
-    scene: Scene
-    question: Question
-
-
-def eval_items(scene: Scene) -> list[Item]:
-    """The caption, up to QUESTIONS_PER_SCENE questions of distinct kinds and one pointing request (seeded)."""
-    rng = random.Random(scene.seed)
-    by_kind = defaultdict(list)
-    for q in scene.questions:
-        by_kind[q.kind].append(q)
-    kinds = [k for k in QA_KINDS if by_kind[k]]
-    chosen = [by_kind["caption"][0]]
-    chosen += [rng.choice(by_kind[k]) for k in rng.sample(kinds, min(QUESTIONS_PER_SCENE, len(kinds)))]
-    chosen.append(rng.choice(by_kind["point"]))
-    return [Item(scene, q) for q in chosen]
 
 
 class TransformersEngine:

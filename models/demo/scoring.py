@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
 from runtime.pointing import parse_points
 
 from .scenes import Box, Question, Scene
+
+QA_KINDS = ("color", "shape", "count", "position", "presence", "word")
+QUESTIONS_PER_SCENE = 3
 
 
 def point_hits(points: list[tuple[float, float]], boxes: list[Box]) -> tuple[int, int]:
@@ -33,3 +40,25 @@ def is_correct(scene: Scene, question: Question, text: str) -> bool:
         return text.strip() == question.answer
     hits, total = score_points(scene, question, text)
     return hits == total
+
+
+@dataclass(frozen=True)
+class Item:
+    """One evaluated request: a scene and one of its questions."""
+
+    scene: Scene
+    question: Question
+
+
+def eval_items(scene: Scene) -> list[Item]:
+    """What a scene is scored on: its short caption, up to QUESTIONS_PER_SCENE questions of distinct kinds and one
+    pointing request, drawn with the scene's own seed (the same items on every run)."""
+    rng = random.Random(scene.seed)
+    by_kind = defaultdict(list)
+    for q in scene.questions:
+        by_kind[q.kind].append(q)
+    kinds = [k for k in QA_KINDS if by_kind[k]]
+    chosen = [by_kind["caption"][0]]
+    chosen += [rng.choice(by_kind[k]) for k in rng.sample(kinds, min(QUESTIONS_PER_SCENE, len(kinds)))]
+    chosen.append(rng.choice(by_kind["point"]))
+    return [Item(scene, q) for q in chosen]
