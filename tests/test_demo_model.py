@@ -1,6 +1,6 @@
 """The shipped demo model: its scene generator is deterministic and true to itself, and the committed ONNX export
-reproduces the committed checkpoint token for token on held-out scenes. (Its accuracy is measured by
-benchmarks/eval_demo.py; this first training run does not reach issue 4's targets yet.)"""
+reproduces the committed checkpoint token for token on held-out scenes, and the default model demonstrably uses the
+image. (Its full accuracy is measured by benchmarks/eval_demo.py.)"""
 
 from __future__ import annotations
 
@@ -78,3 +78,41 @@ def test_demo_model_default_prompt_is_its_caption_prompt():
     assert captioner.manifest.prompt["default_caption_prompt"] == CAPTION_PROMPT
     assert captioner.generate(image, max_new_tokens=48).text == captioner.generate(image, CAPTION_PROMPT, 48).text
     assert captioner.generate(image, max_new_tokens=48).text.endswith("background.")
+
+
+
+ACCURACY_SCENES = range(HELD_OUT_SEED + 500, HELD_OUT_SEED + 530)  # held out, not used by any other test
+
+
+def test_default_model_sees_held_out_scenes():
+    """The CLI's default model reads the image: on 30 held-out scenes (never trained on, not picked by hand) its
+    captions name the background and the exact set of object colors, its points land inside the named objects, and
+    it answers the scored questions, at rates a model that ignores the image cannot reach (the nearly blind first
+    run: 27.5% of points, 40% of questions; guessing a background: 33%). The bars sit under what the shipped weights
+    measure here (100%, 87%, 66%, 51%); issue 4's 90%/85% targets are not met by them (benchmarks/eval_demo.py)."""
+    from cli import DEFAULT_MODEL
+    from models.demo.scenes import COLORS
+    from models.demo.scoring import eval_items, score_points
+    from runtime import Captioner
+
+    captioner = Captioner.load(DEFAULT_MODEL, threads=2)
+    backgrounds, color_sets, answers, hits, targets = [], [], [], 0, 0
+    for seed in ACCURACY_SCENES:
+        scene = make_scene(seed)
+        encoded = captioner.encode_image(scene.image)
+        for item in eval_items(scene):
+            q = item.question
+            text = captioner.generate(encoded, q.prompt, max_new_tokens=48).text.strip()
+            if q.kind == "caption":
+                backgrounds.append(text.endswith(f"on a {scene.background} background."))
+                color_sets.append({w for w in text.split() if w in COLORS} == {o.color for o in scene.objects})
+            elif q.kind == "point":
+                hit, total = score_points(scene, q, text)
+                hits, targets = hits + hit, targets + total
+            else:
+                answers.append(text == q.answer)
+    assert len(backgrounds) == len(ACCURACY_SCENES) and len(answers) >= 60
+    assert sum(backgrounds) >= 0.9 * len(backgrounds), f"background named in {sum(backgrounds)} of 30 captions"
+    assert sum(color_sets) >= 0.75 * len(color_sets), f"colors named exactly in {sum(color_sets)} of 30 captions"
+    assert hits >= 0.5 * targets, f"{hits} of {targets} points inside their object"
+    assert sum(answers) >= 0.45 * len(answers), f"{sum(answers)} of {len(answers)} questions answered"
