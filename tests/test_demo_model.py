@@ -55,15 +55,14 @@ def test_shipped_onnx_gives_the_checkpoints_tokens_on_held_out_scenes(offset, re
     """The committed export is the committed checkpoint: same greedy tokens as transformers, caption and question."""
     import torch
 
+    from models.demo.packing import single_prompt_inputs
     from runtime import Captioner
 
     model, processor = reference
     captioner = Captioner.load(DEMO_ONNX, threads=2)
     scene = make_scene(HELD_OUT_SEED + 100 + offset)
     for prompt in (CAPTION_PROMPT, scene.questions[-1].prompt):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(images=[scene.image], text=text, return_tensors="pt")
+        inputs = single_prompt_inputs(processor, scene.image, prompt)
         with torch.no_grad():
             expected = model.generate(**inputs, max_new_tokens=48, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         expected = [t for t in expected.tolist() if t not in captioner.stop_ids]

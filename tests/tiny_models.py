@@ -22,7 +22,13 @@ from transformers import (
     TokenizersBackend,
 )
 
-from models.demo.tokenizer import BASE_SPECIALS, CHAT_TEMPLATE, MOLMO_EXTRAS
+from models.demo.tokenizer import (
+    BASE_SPECIALS,
+    CHAT_TEMPLATE,
+    MOLMO_EXTRAS,
+    config_token_ids,
+    set_generation_tokens,
+)
 
 BASE_VOCAB = 384
 
@@ -110,7 +116,6 @@ def build_tokenizer(additional_vocab_size: int) -> TokenizersBackend:
 
 
 def build_config(variant: TinyVariant, tokenizer: TokenizersBackend) -> Molmo2Config:
-    ids = tokenizer.convert_tokens_to_ids
     text = {
         "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "intermediate_size": 128, "num_hidden_layers": 3, "vocab_size": BASE_VOCAB,
@@ -129,9 +134,7 @@ def build_config(variant: TinyVariant, tokenizer: TokenizersBackend) -> Molmo2Co
     }
     return Molmo2Config(
         text_config=text, vision_config=vision, adapter_config=adapter,
-        image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
-        image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
-        frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"),
+        **config_token_ids(tokenizer),
         initializer_range=0.1,
     )
 
@@ -152,9 +155,7 @@ def build_model(variant: TinyVariant, seed: int = 0) -> tuple[Molmo2ForCondition
     config = build_config(variant, tokenizer)
     torch.manual_seed(seed)
     model = Molmo2ForConditionalGeneration(config).eval()
-    ids = tokenizer.convert_tokens_to_ids
-    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    set_generation_tokens(model.generation_config, tokenizer)
     return model, build_processor(variant, tokenizer)
 
 

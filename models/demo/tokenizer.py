@@ -57,6 +57,21 @@ def user_turn(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def config_token_ids(tokenizer: TokenizersBackend) -> dict[str, int]:
+    """The `Molmo2Config` fields that name the image and frame structure tokens, looked up in `tokenizer`."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {"image_start_token_id": ids("<im_start>"), "low_res_image_start_token_id": ids("<low_res_im_start>"),
+            "image_end_token_id": ids("<im_end>"), "image_patch_id": ids("<im_patch>"),
+            "frame_start_token_id": ids("<frame_start>"), "frame_end_token_id": ids("<frame_end>")}
+
+
+def set_generation_tokens(generation_config, tokenizer: TokenizersBackend) -> None:
+    """Stop at `<|im_end|>` or `<|endoftext|>` and pad with `<|endoftext|>`, as the released Molmo2 checkpoints do."""
+    ids = tokenizer.convert_tokens_to_ids
+    generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    generation_config.pad_token_id = ids("<|endoftext|>")
+
+
 def build_tokenizer(corpus: Iterable[str], base_vocab: int) -> TokenizersBackend:
     """Train the BPE on `corpus`, pad the base vocabulary to `base_vocab` ids and append MOLMO_EXTRAS above it."""
     tok = Tokenizer(models.BPE())

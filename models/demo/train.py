@@ -35,7 +35,14 @@ from transformers import (
 from .grounding import N_CLASSES, class_weights, token_classes
 from .packing import PackedExample, pack
 from .scenes import CAPTION_PROMPT, DETAILED_PROMPT, HELD_OUT_SEED, Question, make_scene
-from .tokenizer import CHAT_TEMPLATE, MOLMO_EXTRAS, build_tokenizer, user_turn
+from .tokenizer import (
+    CHAT_TEMPLATE,
+    MOLMO_EXTRAS,
+    build_tokenizer,
+    config_token_ids,
+    set_generation_tokens,
+    user_turn,
+)
 
 BASE_VOCAB = 512
 MAX_CROPS = 2
@@ -85,14 +92,11 @@ def build_processor(tokenizer: TokenizersBackend, max_crops: int) -> Molmo2Proce
 
 
 def build_config(tokenizer: TokenizersBackend) -> Molmo2Config:
-    ids = tokenizer.convert_tokens_to_ids
     return Molmo2Config(
         text_config={**TEXT, "vocab_size": BASE_VOCAB, "additional_vocab_size": len(MOLMO_EXTRAS)},
         vision_config={**VISION, "image_size": [378, 378], "patch_size": 14},
         adapter_config={**ADAPTER, "text_hidden_size": TEXT["hidden_size"]},
-        image_start_token_id=ids("<im_start>"), low_res_image_start_token_id=ids("<low_res_im_start>"),
-        image_end_token_id=ids("<im_end>"), image_patch_id=ids("<im_patch>"),
-        frame_start_token_id=ids("<frame_start>"), frame_end_token_id=ids("<frame_end>"),
+        **config_token_ids(tokenizer),
     )
 
 
@@ -158,9 +162,7 @@ def train(out_dir: Path, steps: int, batch: int, lr: float, warmup: int, seed: i
     tokenizer = build_tokenizer(tokenizer_corpus(TOKENIZER_SCENES), BASE_VOCAB)
     processor = build_processor(tokenizer, MAX_CROPS)
     model = Molmo2ForConditionalGeneration(build_config(tokenizer)).train()
-    ids = tokenizer.convert_tokens_to_ids
-    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    set_generation_tokens(model.generation_config, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; {steps} steps of {batch} scenes, peak lr {lr}")
     probe = torch.nn.Linear(TEXT["hidden_size"], N_CLASSES)
