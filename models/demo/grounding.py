@@ -1,9 +1,10 @@
-"""Dense targets for the image tokens: what each image token of a scene shows.
+"""Dense targets for the image tokens and the ViT patches: what each of them shows.
 
 Trained from scratch on a few thousand scenes, the answer loss alone leaves the model a blind language model (run 1:
 40% question accuracy, chance level on yes/no). A linear probe on the adapter's output, trained jointly to name the
-colored shape (or the word) under every image token, gives the vision tower and adapter a direct signal; the probe
-is discarded, the saved model is a plain Molmo2.
+colored shape (or the word) under every image token, gives the vision tower and adapter a direct signal; a second
+probe on the vision tower's patches gives the ViT its own (run 6: 27% exact captions against 18% without it and
+with the adapter's default init). The probes are discarded, the saved model is a plain Molmo2.
 
 The targets come from the image processor itself: each object's mask is drawn as an image channel and run through
 the same `Molmo2ImageProcessor` as the scene, so the global view and every high-resolution crop, with their resizing
@@ -38,13 +39,14 @@ def _masks(scene: Scene) -> tuple[list[Image.Image], list[int]]:
     return [Image.fromarray(m.astype(np.uint8) * 255) for m in masks], classes
 
 
-def token_coverage(image_processor, masks: list[Image.Image]) -> torch.Tensor:
-    """[tokens, masks]: the share of each image token's pixels inside each mask, for the tokens the model keeps
-    (global view first, then the crops; tokens whose pooling window is all padding are dropped, as the model does)."""
+def _patch_and_token_coverage(image_processor, masks: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([patches, masks], [tokens, masks]): the share of each ViT patch's and each kept image token's pixels inside
+    each mask (patches of every crop in order; tokens global view first, then the crops; tokens whose pooling window
+    is all padding are dropped, as the model does)."""
     mean = torch.tensor(image_processor.image_mean)
     std = torch.tensor(image_processor.image_std)
     blank = Image.new("L", masks[0].size, 0)
-    columns = []
+    patch_columns, token_columns = [], []
     for start in range(0, len(masks), 3):  # three masks per RGB image
         channels = (masks[start:start + 3] + [blank, blank])[:3]
         out = image_processor(images=[Image.merge("RGB", channels)], return_tensors="pt")
@@ -53,21 +55,36 @@ def token_coverage(image_processor, masks: list[Image.Image]) -> torch.Tensor:
         idx = out["image_token_pooling"].reshape(-1, out["image_token_pooling"].shape[-1])
         valid = idx >= 0
         per_token = (per_patch[idx.clamp(min=0)] * valid[..., None]).sum(1) / valid.sum(1).clamp(min=1)[:, None]
-        columns.append(per_token[valid.any(1)])
-    return torch.cat(columns, dim=1)[:, : len(masks)]
+        patch_columns.append(per_patch)
+        token_columns.append(per_token[valid.any(1)])
+    return (torch.cat(patch_columns, dim=1)[:, : len(masks)], torch.cat(token_columns, dim=1)[:, : len(masks)])
+
+
+def token_coverage(image_processor, masks: list[Image.Image]) -> torch.Tensor:
+    """[tokens, masks]: the share of each image token's pixels inside each mask, for the tokens the model keeps
+    (global view first, then the crops; tokens whose pooling window is all padding are dropped, as the model does)."""
+    return _patch_and_token_coverage(image_processor, masks)[1]
+
+
+def _classes(coverage: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """The most covering mask's class where it covers at least MIN_COVER, else background."""
+    named = torch.tensor(classes)[coverage.argmax(dim=1)]
+    return torch.where(coverage.max(dim=1).values >= MIN_COVER, named, torch.zeros_like(named))
+
+
+def patch_and_token_classes(scene: Scene, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class of every ViT patch (all crops, in order) and of every kept image token: the colored shape (or the
+    word) covering at least MIN_COVER of its pixels (the most covering one), else background."""
+    masks, classes = _masks(scene)
+    if not masks:
+        masks, classes = [Image.new("L", scene.image.size, 0)], [0]
+    patches, tokens = _patch_and_token_coverage(image_processor, masks)
+    return _classes(patches, classes), _classes(tokens, classes)
 
 
 def token_classes(scene: Scene, image_processor) -> torch.Tensor:
-    """The class of every image token: the colored shape (or the word) covering at least MIN_COVER of the token's
-    pixels (the most covering one), else background."""
-    masks, classes = _masks(scene)
-    if not masks:
-        count = len(token_coverage(image_processor, [Image.new("L", scene.image.size, 0)]))
-        return torch.zeros(count, dtype=torch.long)
-    coverage = token_coverage(image_processor, masks)
-    best = coverage.argmax(dim=1)
-    named = torch.tensor(classes)[best]
-    return torch.where(coverage.max(dim=1).values >= MIN_COVER, named, torch.zeros_like(named))
+    """The class of every kept image token (see `patch_and_token_classes`)."""
+    return patch_and_token_classes(scene, image_processor)[1]
 
 
 def class_weights() -> torch.Tensor:
