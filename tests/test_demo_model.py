@@ -57,8 +57,8 @@ def test_probe_targets_follow_the_processor():
     pytest.importorskip("transformers")
     from transformers import Molmo2ImageProcessor
 
-    from models.demo.grounding import patch_and_token_classes
-    from models.demo.scenes import COLORS, SHAPES, box_center
+    from models.demo.grounding import object_class, patch_and_token_classes
+    from models.demo.scenes import box_center
 
     processor = Molmo2ImageProcessor(max_crops=2)
     scene = make_scene(HELD_OUT_SEED + 7)
@@ -71,10 +71,11 @@ def test_probe_targets_follow_the_processor():
     for token_class, window in zip(tokens.tolist(), kept.tolist()):
         assert token_class == 0 or token_class in {patches[i].item() for i in window if i >= 0}
     width, height = scene.image.size
+    side = processor.size["height"] // processor.patch_size  # patches per side of the global view (crop 0)
     for obj in scene.objects:
         x, y = box_center(obj.box)
-        centre = int(y / height * 27) * 27 + int(x / width * 27)
-        assert patches[centre].item() == 1 + SHAPES.index(obj.shape) * len(COLORS) + list(COLORS).index(obj.color)
+        centre = int(y / height * side) * side + int(x / width * side)
+        assert patches[centre].item() == object_class(obj)
 
 
 @pytest.mark.parametrize("offset", range(4))
@@ -104,7 +105,6 @@ def test_demo_model_default_prompt_is_its_caption_prompt():
     assert captioner.manifest.prompt["default_caption_prompt"] == CAPTION_PROMPT
     assert captioner.generate(image, max_new_tokens=48).text == captioner.generate(image, CAPTION_PROMPT, 48).text
     assert captioner.generate(image, max_new_tokens=48).text.endswith("background.")
-
 
 
 ACCURACY_SCENES = range(HELD_OUT_SEED + 500, HELD_OUT_SEED + 530)  # held out, not used by any other test

@@ -19,11 +19,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .scenes import COLORS, SHAPES, WORDS, Scene, object_map
+from .scenes import COLORS, SHAPES, WORDS, Scene, SceneObject, object_map
 
 N_CLASSES = 1 + len(SHAPES) * len(COLORS) + len(WORDS)  # background, each colored shape, each word
 BACKGROUND_WEIGHT = 0.2
 MIN_COVER = 0.2  # share of a token's pixels an object must cover to name the token
+
+
+def object_class(obj: SceneObject) -> int:
+    """The class naming `obj`'s colored shape (1 .. len(SHAPES) * len(COLORS))."""
+    return 1 + SHAPES.index(obj.shape) * len(COLORS) + list(COLORS).index(obj.color)
 
 
 def _masks(scene: Scene) -> tuple[list[Image.Image], list[int]]:
@@ -32,14 +37,14 @@ def _masks(scene: Scene) -> tuple[list[Image.Image], list[int]]:
     masks, classes = [], []
     for i, obj in enumerate(scene.objects):
         masks.append(labels == i + 1)
-        classes.append(1 + SHAPES.index(obj.shape) * len(COLORS) + list(COLORS).index(obj.color))
+        classes.append(object_class(obj))
     if scene.word:
         masks.append(labels == 255)
         classes.append(1 + len(SHAPES) * len(COLORS) + WORDS.index(scene.word))
     return [Image.fromarray(m.astype(np.uint8) * 255) for m in masks], classes
 
 
-def _patch_and_token_coverage(image_processor, masks: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+def _coverage(image_processor, masks: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
     """([patches, masks], [tokens, masks]): the share of each ViT patch's and each kept image token's pixels inside
     each mask (patches of every crop in order; tokens global view first, then the crops; tokens whose pooling window
     is all padding are dropped, as the model does)."""
@@ -60,12 +65,6 @@ def _patch_and_token_coverage(image_processor, masks: list[Image.Image]) -> tupl
     return (torch.cat(patch_columns, dim=1)[:, : len(masks)], torch.cat(token_columns, dim=1)[:, : len(masks)])
 
 
-def token_coverage(image_processor, masks: list[Image.Image]) -> torch.Tensor:
-    """[tokens, masks]: the share of each image token's pixels inside each mask, for the tokens the model keeps
-    (global view first, then the crops; tokens whose pooling window is all padding are dropped, as the model does)."""
-    return _patch_and_token_coverage(image_processor, masks)[1]
-
-
 def _classes(coverage: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """The most covering mask's class where it covers at least MIN_COVER, else background."""
     named = torch.tensor(classes)[coverage.argmax(dim=1)]
@@ -78,7 +77,7 @@ def patch_and_token_classes(scene: Scene, image_processor) -> tuple[torch.Tensor
     masks, classes = _masks(scene)
     if not masks:
         masks, classes = [Image.new("L", scene.image.size, 0)], [0]
-    patches, tokens = _patch_and_token_coverage(image_processor, masks)
+    patches, tokens = _coverage(image_processor, masks)
     return _classes(patches, classes), _classes(tokens, classes)
 
 

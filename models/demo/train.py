@@ -22,6 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -125,14 +126,19 @@ def training_turns(questions: list[Question], rng: random.Random) -> list[Questi
     return chosen
 
 
-Example = tuple[PackedExample, torch.Tensor, torch.Tensor]
+class Example(NamedTuple):
+    """A training scene: its packed sequence and the probe targets of its ViT patches and image tokens."""
+
+    packed: PackedExample
+    patch_classes: torch.Tensor
+    token_classes: torch.Tensor
 
 
 def example(processor: Molmo2Processor, seed: int, rng: random.Random) -> Example:
     """A scene's packed training sequence and the classes of its ViT patches and of its image tokens."""
     scene = make_scene(seed)
-    return (pack(processor, scene.image, training_turns(scene.questions, rng)),
-            *patch_and_token_classes(scene, processor.image_processor))
+    return Example(pack(processor, scene.image, training_turns(scene.questions, rng)),
+                   *patch_and_token_classes(scene, processor.image_processor))
 
 
 IMAGE_INPUTS = ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops")
@@ -182,7 +188,7 @@ def validation_loss(model: Molmo2ForConditionalGeneration, probes: Probes, examp
     model.eval()
     total = sum(losses(model, probes, *ex)[0].item() for ex in examples)
     model.train()
-    return total / sum(len(ex[0].targets) for ex in examples)
+    return total / sum(len(ex.packed.targets) for ex in examples)
 
 
 def train(out_dir: Path, steps: int, batch: int, lr: float, warmup: int, seed: int, log_every: int,
@@ -217,7 +223,7 @@ def train(out_dir: Path, steps: int, batch: int, lr: float, warmup: int, seed: i
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
         examples = [example(processor, step * batch + i, rng) for i in range(batch)]
-        tokens = sum(len(ex[0].targets) for ex in examples)
+        tokens = sum(len(ex.packed.targets) for ex in examples)
         for ex in examples:
             answer_loss, probe_loss = losses(model, probes, *ex)
             (answer_loss / tokens + PROBE_WEIGHT * probe_loss / batch).backward()
