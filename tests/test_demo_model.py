@@ -78,6 +78,38 @@ def test_probe_targets_follow_the_processor():
         assert patches[centre].item() == object_class(obj)
 
 
+def test_packed_turns_compute_what_lone_prompts_compute(reference):
+    """Training packs a scene's questions behind one shared image prefix; each packed turn must get the logits the
+    same question gets alone, as `generate` lays it out (chat template), or the model is trained on a different
+    computation than the one it runs."""
+    import torch
+
+    from models.demo.packing import pack, single_prompt_inputs
+
+    model, processor = reference
+    scene = make_scene(HELD_OUT_SEED + 9)
+    questions = scene.questions[:2] + scene.questions[-2:]
+    packed = pack(processor, scene.image, questions)
+    with torch.no_grad():
+        packed_logits = model(**packed.inputs).logits[0, packed.predict_at]
+    start = 0
+    for q in questions:
+        answer = processor.tokenizer(q.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        lone = single_prompt_inputs(processor, scene.image, q.prompt)
+        prompt_len = lone["input_ids"].shape[1]
+        lone["input_ids"] = torch.cat([lone["input_ids"], torch.tensor([answer])], dim=1)
+        lone["attention_mask"] = torch.ones_like(lone["input_ids"])
+        answer_types = torch.zeros(1, len(answer), dtype=torch.long)
+        lone["mm_token_type_ids"] = torch.cat([lone["mm_token_type_ids"], answer_types], dim=1)
+        with torch.no_grad():
+            lone_logits = model(**lone).logits[0, prompt_len - 1: prompt_len - 1 + len(answer)]
+        turn = slice(start, start + len(answer))
+        assert packed.targets[turn].tolist() == answer
+        torch.testing.assert_close(packed_logits[turn], lone_logits, atol=1e-4, rtol=1e-4)
+        start += len(answer)
+    assert start == len(packed.targets)
+
+
 @pytest.mark.parametrize("offset", range(4))
 def test_shipped_onnx_gives_the_checkpoints_tokens_on_held_out_scenes(offset, reference):
     """The committed export is the committed checkpoint: same greedy tokens as transformers, caption and question."""
