@@ -9,7 +9,8 @@ and `--threads`. Run from the repository root:
 
     python -m models.demo.train    # writes models/demo/checkpoint/ (about 80 min on an idle 2-core machine)
 
-The 5000 default steps take about 80 of the 90 minutes issue 4 allows for training: there is little room for more.
+The 5000 default steps take 80 to 85 of the 90 minutes issue 4 allows for training (79.7 and 84.3 min in two runs of
+this size on this shared machine): there is no room for more.
 
 Two threads by default: on an idle 2-core machine a training scene takes 0.21 s with two threads against 0.35 s with
 one. Keep the machine otherwise idle: while another job holds a core, two threads wait on each other (13 s per step
