@@ -147,7 +147,7 @@ def test_default_model_sees_held_out_scenes():
     captions name the background and the exact set of object colors, its points land inside the named objects, and
     it answers the scored questions, at rates a model that ignores the image cannot reach (the nearly blind first
     run: 27.5% of points, 40% of questions; guessing a background: 33%). The bars sit under what the shipped weights
-    measure here (100%, 100%, 68%, 71%); issue 4's 90%/85% targets are not met by them (benchmarks/eval_demo.py)."""
+    measure here (100%, 87%, 89%, 87%); issue 4's 90%/85% targets are not met by them (benchmarks/eval_demo.py)."""
     from cli import DEFAULT_MODEL
     from models.demo.scenes import COLORS
     from models.demo.scoring import eval_items, score_points
@@ -171,6 +171,6 @@ def test_default_model_sees_held_out_scenes():
                 answers.append(text == q.answer)
     assert len(backgrounds) == len(ACCURACY_SCENES) and len(answers) >= 60
     assert sum(backgrounds) >= 0.9 * len(backgrounds), f"background named in {sum(backgrounds)} of 30 captions"
-    assert sum(color_sets) >= 0.85 * len(color_sets), f"colors named exactly in {sum(color_sets)} of 30 captions"
-    assert hits >= 0.55 * targets, f"{hits} of {targets} points inside their object"
-    assert sum(answers) >= 0.6 * len(answers), f"{sum(answers)} of {len(answers)} questions answered"
+    assert sum(color_sets) >= 0.8 * len(color_sets), f"colors named exactly in {sum(color_sets)} of 30 captions"
+    assert hits >= 0.75 * targets, f"{hits} of {targets} points inside their object"
+    assert sum(answers) >= 0.75 * len(answers), f"{sum(answers)} of {len(answers)} questions answered"

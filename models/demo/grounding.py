@@ -5,7 +5,7 @@ Trained from scratch on a few thousand scenes, the answer loss alone leaves the 
 colored shape (or the word) under every image token, gives the vision tower and adapter a direct signal; a second
 probe on the vision tower's patches gives the ViT its own (run 6, which added it together with `train.init_adapter`
 and ran 3000 steps instead of 4000: 27% exact captions against 18%; runs 7 and 8, the same at 4000 and 5000 steps:
-40% and 48%). The probes are discarded, the saved model is a plain Molmo2.
+40% and 48%; run 10, the same scenes two a step: 50%). The probes are discarded, the saved model is a plain Molmo2.
 
 The targets come from the image processor itself: each object's mask is drawn as an image channel and run through
 the same `Molmo2ImageProcessor` as the scene, so the global view and every high-resolution crop, with their resizing
