@@ -7,7 +7,7 @@ tokens' cross-entropy plus that of two linear probes naming what each image toke
 patch (vision tower output) shows (see `grounding`; the probes are not saved). The run is determined by `--seed`
 and `--threads`. Run from the repository root:
 
-    python -m models.demo.train    # writes models/demo/checkpoint/ (about 80 min on an idle 2-core machine)
+    python -m models.demo.train    # writes models/demo/checkpoint/ (79 to 85 min on an idle 2-core machine)
 
 The defaults, 10000 steps of two scenes, take 79 to 85 of the 90 minutes issue 4 allows for training (78.8 min for
 the shipped run; the same 20,000 scenes as 5000 steps of four took 79.7 and 84.3 min): there is no room for more
