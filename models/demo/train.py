@@ -16,8 +16,10 @@ lowered from 2e-3 to 1.5e-3 (not measured apart), that lifted questions from 78%
 300 held-out scenes (README, "The demo model").
 
 Two threads by default: on an idle 2-core machine a training scene takes 0.21 s with two threads against 0.35 s with
-one. Keep the machine otherwise idle: while another job holds a core, two threads wait on each other (13 s per step
-against 1.3 s with `--threads 1`, measured in an earlier run).
+one. These machines are shared and their speed varies by day: on 2026-12-01, idle, the first 200 steps of two took
+2.4 min (0.36 s a scene), which puts the defaults' 20,000 scenes past the 90 minutes. Keep the machine otherwise idle:
+while another job holds a core, two threads wait on each other (13 s per step against 1.3 s with `--threads 1`,
+measured in an earlier run).
 """
 
 from __future__ import annotations
