@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from runtime.errors import InputError, ModelError, MolmocapError
-from runtime.styles import STYLES
+from molmocap.runtime.errors import InputError, ModelError, MolmocapError
+from molmocap.runtime.styles import STYLES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "demo" / "onnx"
 
@@ -59,11 +59,11 @@ def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | 
     Several prompts about one image share its vision encoding and the KV cache of the image prefix. Results
     come from the result cache when it has them (the model is then not even loaded).
     """
-    from runtime.batch import Runner, file_sha256, rounded_timings
-    from runtime.cache import ResultCache
-    from runtime.image_io import load_image
-    from runtime.styles import finish
-    from runtime.xmp import check_sidecar, write_sidecar
+    from molmocap.runtime.batch import Runner, file_sha256, rounded_timings
+    from molmocap.runtime.cache import ResultCache
+    from molmocap.runtime.image_io import load_image
+    from molmocap.runtime.styles import finish
+    from molmocap.runtime.xmp import check_sidecar, write_sidecar
 
     if as_json and stream:
         raise click.UsageError("--json and --stream cannot be combined")
@@ -128,7 +128,7 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
 
     Example: molmocap export ./Molmo2-4B -o ./molmo2-4b-onnx
     """
-    from export.exporter import export as run_export
+    from molmocap.export.exporter import export as run_export
 
     run_export(src, out, quant=quant, force=force, progress=lambda msg: click.echo(msg, err=True))
 
@@ -155,7 +155,7 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
     Examples: molmocap caption photo.jpg --json; molmocap caption photo.jpg --style alt;
     molmocap caption photos/ -o results.jsonl --write-xmp
     """
-    from runtime.batch import discover
+    from molmocap.runtime.batch import discover
 
     if lang and not style and not prompt:
         style = "short"
@@ -176,8 +176,8 @@ def caption_to_file(images: list[str], out: Path, fmt: str | None, prompt: str |
                     max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
                     no_cache: bool) -> None:
     """`caption -o`: resumable batch into a results file, with a progress bar when stderr is a terminal."""
-    from runtime.batch import Runner, output_format, run_batch
-    from runtime.cache import ResultCache
+    from molmocap.runtime.batch import Runner, output_format, run_batch
+    from molmocap.runtime.cache import ResultCache
 
     if as_json or stream:
         raise click.UsageError("-o writes a results file: --json and --stream do not apply (see --format)")
@@ -245,9 +245,9 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
 
     Examples: molmocap point photo.jpg "red car"; molmocap point photo.jpg person --json --draw marked.png
     """
-    from runtime import Captioner
-    from runtime.image_io import load_image
-    from runtime.pointing import draw_points, parse_points, point_prompt
+    from molmocap.runtime import Captioner
+    from molmocap.runtime.image_io import load_image
+    from molmocap.runtime.pointing import draw_points, parse_points, point_prompt
 
     prompt = point_prompt(label)
     picture = load_image(image)
@@ -290,11 +290,11 @@ def serve(host: str, port: int, api_key: str | None, model: str | None, threads:
     try:
         import uvicorn
 
-        from serve import create_app
+        from molmocap.serve import create_app
     except ImportError as exc:
         raise click.ClickException(f"serve needs starlette and uvicorn ({exc}); "
                                    "install them with: pip install 'molmocap[serve]'") from None
-    from runtime import Captioner
+    from molmocap.runtime import Captioner
 
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
     app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024)
@@ -312,7 +312,7 @@ def cache_group() -> None:
 @cache_group.command("stats")
 def cache_stats() -> None:
     """Print the cache's path, entries, size on disk and entries per model."""
-    from runtime.cache import ResultCache
+    from molmocap.runtime.cache import ResultCache
 
     stats = ResultCache().stats()
     click.echo(f"path: {stats.path}\nentries: {stats.entries}\nsize: {stats.size_bytes} bytes")
@@ -324,8 +324,8 @@ def cache_stats() -> None:
 @click.option("--model", "model", metavar="DIR", default=None, help="Clear only this model's entries.")
 def cache_clear(model: str | None) -> None:
     """Delete the cached results (all, or one model's); a corrupt cache file is deleted."""
-    from runtime.cache import ResultCache, model_id
-    from runtime.manifest import load_manifest
+    from molmocap.runtime.cache import ResultCache, model_id
+    from molmocap.runtime.manifest import load_manifest
 
     if model is not None:
         load_manifest(model)

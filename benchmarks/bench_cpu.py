@@ -128,7 +128,7 @@ def worker_transformers(checkpoint: str, max_crops: int, tokens: int, threads: i
 
 
 def worker_molmocap(model_dir: str, max_crops: int, tokens: int, threads: int) -> dict:
-    from runtime import Captioner
+    from molmocap.runtime import Captioner
 
     captioner = Captioner.load(model_dir, threads=threads)
     captioner.stop_ids = set()  # exactly `tokens` tokens, as transformers' min_new_tokens does
@@ -138,7 +138,7 @@ def worker_molmocap(model_dir: str, max_crops: int, tokens: int, threads: int) -
 
 
 def worker_export(checkpoint: str, out: str, quant: str) -> dict:
-    from export.exporter import export
+    from molmocap.export.exporter import export
 
     start = time.perf_counter()
     export(checkpoint, Path(out), quant=quant, force=True, progress=lambda msg: print(msg, file=sys.stderr))
@@ -150,8 +150,8 @@ def worker_fidelity(checkpoint: str, model_dir: str, positions: int, threads: in
     import torch
     from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
-    from export.fidelity import compare, teacher_forced_logits
-    from runtime import Captioner
+    from molmocap.export.fidelity import compare, teacher_forced_logits
+    from molmocap.runtime import Captioner
 
     captioner = Captioner.load(model_dir, threads=threads)
     ours, tokens = teacher_forced_logits(captioner, bench_image(), PROMPT, None, positions, max_crops=1)

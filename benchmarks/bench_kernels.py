@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnx import TensorProto  # noqa: E402
 
-from export.onnx_graph import GraphBuilder  # noqa: E402
-from export.quantize import QuantLinear, linear_node  # noqa: E402
+from molmocap.export.onnx_graph import GraphBuilder  # noqa: E402
+from molmocap.export.quantize import QuantLinear, linear_node  # noqa: E402
 
 K, N = 2560, 9728
 CANDIDATES = [

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_cpu import bench_image  # noqa: E402
 
-from runtime import Captioner  # noqa: E402
+from molmocap.runtime import Captioner  # noqa: E402
 
 QUESTIONS = ["What color is the circle?", "How many shapes are there?", "Is there a square?",
              "Where is the blue square?", "What is in the top left corner?"]

@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.fidelity import compare, teacher_forced_logits  # noqa: E402
-from runtime import Captioner  # noqa: E402
+from molmocap.export.fidelity import compare, teacher_forced_logits  # noqa: E402
+from molmocap.runtime import Captioner  # noqa: E402
 
 PROMPT = "Describe this image."
 

@@ -37,7 +37,7 @@ def onnx_dir(quant: str) -> Path:
 
 def quant_modes() -> tuple[str, ...]:
     """The quantizations the exporter can write (each one is evaluated from its own directory)."""
-    from export.plan import PLANS
+    from molmocap.export.plan import PLANS
 
     return tuple(PLANS)
 
@@ -75,7 +75,7 @@ class MolmocapEngine:
     """The exported model on the lean runtime."""
 
     def __init__(self, model_dir: Path, max_crops: int) -> None:
-        from runtime import Captioner
+        from molmocap.runtime import Captioner
 
         self.captioner = Captioner.load(model_dir, threads=2)
         self.max_crops = max_crops

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ExportError, InputError
+from molmocap.runtime.errors import ExportError, InputError
 
 from .weights import Weights
 

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime.errors import ExportError, InputError
-from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
-from runtime.styles import STYLES
+from molmocap.runtime.errors import ExportError, InputError
+from molmocap.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+from molmocap.runtime.styles import STYLES
 
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source
 from .plan import PLANS, ExportPlan

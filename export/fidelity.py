@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.captioner import Captioner, ImageSource
-from runtime.decoder import prefill_bias
-from runtime.prompt import encode, prompt_text
+from molmocap.runtime.captioner import Captioner, ImageSource
+from molmocap.runtime.decoder import prefill_bias
+from molmocap.runtime.prompt import encode, prompt_text
 
 
 def _prefill(captioner: Captioner, image: ImageSource, prompt: str, max_crops: int | None):

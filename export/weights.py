@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ExportError
+from molmocap.runtime.errors import ExportError
 
 _T = "model.transformer"
 _V = "model.vision_backbone"

@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime import Captioner, InputError, MolmocapError, Result
-from runtime.image_io import load_image
-from runtime.styles import STYLES, StyleOutputError, finish
+from molmocap.runtime import Captioner, InputError, MolmocapError, Result
+from molmocap.runtime.image_io import load_image
+from molmocap.runtime.styles import STYLES, StyleOutputError, finish
 
 from . import openai_compat
 from .metrics import Metrics

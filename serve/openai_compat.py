@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from runtime import Result
+from molmocap.runtime import Result
 
 from .payloads import ApiError, decode_image, optional_int
 

@@ -14,7 +14,7 @@ from functools import partial
 
 from PIL import Image
 
-from runtime import Captioner, Result
+from molmocap.runtime import Captioner, Result
 
 
 def finish_reason(result: Result, max_new_tokens: int, max_positions: int) -> str:

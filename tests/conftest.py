@@ -54,7 +54,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
     """Every tiny variant exported to fp32 ONNX."""
-    from export.exporter import export
+    from molmocap.export.exporter import export
 
     root = tmp_path_factory.mktemp("exported")
     return {name: export(str(path), root / name) for name, path in checkpoints.items()}
@@ -72,17 +72,17 @@ def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="session")
 def quantized(checkpoints, tmp_path_factory) -> dict[str, Path]:
     """The qwen3_gqa variant exported under every quantized plan."""
-    from export.exporter import export
-    from export.plan import PLANS
+    from molmocap.export.exporter import export
+    from molmocap.export.plan import PLANS
 
     root = tmp_path_factory.mktemp("quantized")
     return {quant: export(str(checkpoints["qwen3_gqa"]), root / quant, quant=quant) for quant in PLANS}
 
 
 def molmocap(*args: str, cache_dir: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the command as a user would (`python -m cli` from the repository root), optionally with its own cache."""
+    """Run the command as a user would (`python -m molmocap`), optionally with its own cache."""
     env = {**os.environ, **(env or {})}
     if cache_dir is not None:
         env["MOLMOCAP_CACHE_DIR"] = str(cache_dir)
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "molmocap", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)

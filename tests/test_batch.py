@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import molmocap, noise_image
-from runtime.batch import CSV_COLUMNS, ResultsFile, discover, output_format
-from runtime.errors import InputError
+from molmocap.runtime.batch import CSV_COLUMNS, ResultsFile, discover, output_format
+from molmocap.runtime.errors import InputError
 
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 

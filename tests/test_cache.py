@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import molmocap, noise_image
-from runtime.cache import CachedResult, ResultCache, default_cache_path, model_id, result_key
-from runtime.errors import CacheError
+from molmocap.runtime.cache import CachedResult, ResultCache, default_cache_path, model_id, result_key
+from molmocap.runtime.errors import CacheError
 
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 

@@ -13,11 +13,11 @@ import torch
 from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
 from conftest import CHECKPOINT_NAMES, noise_image
-from runtime import Captioner
-from runtime.decoder import prefill_bias
-from runtime.image_io import load_image
-from runtime.preprocess import preprocess
-from runtime.prompt import encode, prompt_text
+from molmocap.runtime import Captioner
+from molmocap.runtime.decoder import prefill_bias
+from molmocap.runtime.image_io import load_image
+from molmocap.runtime.preprocess import preprocess
+from molmocap.runtime.prompt import encode, prompt_text
 
 IMAGES = {
     "landscape": (noise_image(300, 520, seed=1), 8, "Describe this image."),
@@ -80,7 +80,7 @@ def test_generation_matches_transformers(variant, image_name, exported, referenc
 
 
 def captioner_image_embeddings(captioner: Captioner, inputs) -> np.ndarray:
-    from runtime.vision import encode_image
+    from molmocap.runtime.vision import encode_image
 
     return encode_image(captioner.vision, captioner.adapter, inputs)
 
@@ -94,7 +94,7 @@ def test_streaming_pieces_join_to_the_text(exported):
 
 
 def test_prompt_longer_than_positions_is_an_input_error(exported):
-    from runtime.errors import InputError
+    from molmocap.runtime.errors import InputError
 
     captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
     with pytest.raises(InputError, match="positions"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.decoder import NEG_INF, KVCache, prefill_bias
+from molmocap.runtime.decoder import NEG_INF, KVCache, prefill_bias
 
 TEXT, PATCH, COL, START, END = 5, 100, 101, 102, 103
 

@@ -11,9 +11,9 @@ import torch
 from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
 from conftest import CHECKPOINT_NAMES, noise_image
-from export.exporter import export
-from runtime.errors import InputError
-from runtime.manifest import load_manifest
+from molmocap.export.exporter import export
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.manifest import load_manifest
 
 
 def session(path):
@@ -100,7 +100,7 @@ def test_bad_sources_are_input_errors(tmp_path, monkeypatch):
 
 
 def test_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
-    from runtime.errors import ExportError
+    from molmocap.runtime.errors import ExportError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
@@ -114,7 +114,7 @@ def test_manifest_is_valid_json_with_checksums(exported):
 
 
 def test_prompt_overrides_from_the_checkpoint(checkpoints, tmp_path):
-    from runtime import Captioner
+    from molmocap.runtime import Captioner
 
     src = tmp_path / "src"
     src.mkdir()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import noise_image
-from export.fidelity import fidelity
-from runtime import Captioner
+from molmocap.export.fidelity import fidelity
+from molmocap.runtime import Captioner
 
 # Thresholds for a tiny random model, whose flat logits make top-1 fragile; a broken scale or layout gives a
 # cosine near 0 and chance-level agreement.

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 
-from runtime import image_io
-from runtime.errors import InputError
-from runtime.image_io import load_image
+from molmocap.runtime import image_io
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.image_io import load_image
 
 
 def noise(height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:

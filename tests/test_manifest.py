@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from runtime.errors import ModelError
-from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest
+from molmocap.runtime.errors import ModelError
+from molmocap.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, load_manifest
 
 
 @pytest.fixture()

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import molmocap, noise_image
-from runtime.errors import InputError
-from runtime.pointing import Point, draw_points, parse_points, point_prompt
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.pointing import Point, draw_points, parse_points, point_prompt
 
 
 def test_molmo2_points_become_pixels():

@@ -13,9 +13,9 @@ from PIL import Image
 from transformers.models.molmo2 import image_processing_molmo2 as reference
 from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 
-from runtime.errors import InputError
-from runtime.image_io import load_image
-from runtime.preprocess import (
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.image_io import load_image
+from molmocap.runtime.preprocess import (
     ImageInputs,
     PreprocessConfig,
     compute_crop_geometry,

@@ -8,8 +8,8 @@ import pytest
 from transformers import Molmo2ImageProcessor, Molmo2Processor, Molmo2VideoProcessor
 
 import tiny_models
-from runtime.errors import InputError
-from runtime.prompt import image_string, prompt_text
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.prompt import image_string, prompt_text
 
 TEMPLATE = "<|image|><|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 

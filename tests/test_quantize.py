@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from export.onnx_graph import GraphBuilder
-from export.plan import PLANS
-from export.quantize import QuantLinear, linear_node, quantize_blockwise, quantize_int8_per_channel
-from runtime.manifest import load_manifest
+from molmocap.export.onnx_graph import GraphBuilder
+from molmocap.export.plan import PLANS
+from molmocap.export.quantize import QuantLinear, linear_node, quantize_blockwise, quantize_int8_per_channel
+from molmocap.runtime.manifest import load_manifest
 
 RNG = np.random.default_rng(0)
 WEIGHT = (RNG.standard_normal((48, 96)) * 0.05).astype(np.float32)

@@ -34,9 +34,9 @@ def test_runtime_captions_without_torch(exported, tmp_path):
             pass
         else:
             raise SystemExit("blocker failed")
-        import runtime
-        import cli
-        result = runtime.Captioner.load({str(exported["qwen3_gqa"])!r}, threads=1).generate({str(image)!r},
+        from molmocap import Captioner
+        from molmocap import cli  # noqa: F401 - the CLI module imports without torch too
+        result = Captioner.load({str(exported["qwen3_gqa"])!r}, threads=1).generate({str(image)!r},
                                                                                           max_new_tokens=3)
         assert len(result.token_ids) == 3
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)

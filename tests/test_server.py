@@ -21,9 +21,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from conftest import noise_image
-from runtime import Captioner, Result
-from serve import create_app
-from serve.worker import ModelWorker
+from molmocap.runtime import Captioner, Result
+from molmocap.serve import create_app
+from molmocap.serve.worker import ModelWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -326,12 +326,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def live_server(model_dir):
-    """`python -m cli serve` on a free loopback port; always terminated."""
+    """`python -m molmocap serve` on a free loopback port; always terminated."""
     import httpx
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MOLMOCAP_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "molmocap", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--model", str(model_dir), "--threads", "1", "--api-key", KEY],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

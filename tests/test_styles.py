@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.styles import ALT_MAX_CHARS, STYLES, StyleOutputError, alt_text, finish, seo_object, style_prompt, tag_list
+from molmocap.runtime.styles import ALT_MAX_CHARS, STYLES, StyleOutputError, alt_text, finish, seo_object, style_prompt, tag_list
 
 
 def test_every_style_has_a_prompt_and_lang_and_overrides_apply():

@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import save_file
 
 import tiny_models
-from export.weights import Weights
+from molmocap.export.weights import Weights
 
 
 @pytest.mark.parametrize("variant", ["qwen3_gqa", "bias_big_extra_vocab"])

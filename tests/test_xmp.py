@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import molmocap, noise_image
-from runtime.errors import InputError
-from runtime.xmp import NS, check_sidecar, sidecar_fields, sidecar_path, sidecar_xml, write_sidecar
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.xmp import NS, check_sidecar, sidecar_fields, sidecar_path, sidecar_xml, write_sidecar
 
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 LANG = "{http://www.w3.org/XML/1998/namespace}lang"

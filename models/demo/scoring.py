@@ -6,7 +6,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from runtime.pointing import parse_points
+from molmocap.runtime.pointing import parse_points
 
 from .scenes import Box, Question, Scene
 
