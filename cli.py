@@ -128,6 +128,9 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
 
     Example: molmocap export ./Molmo2-4B -o ./molmo2-4b-onnx
     """
+    from molmocap.export import require_export_extra
+
+    require_export_extra()
     from molmocap.export.exporter import export as run_export
 
     run_export(src, out, quant=quant, force=force, progress=lambda msg: click.echo(msg, err=True))

@@ -10,32 +10,24 @@ import numpy as np
 
 from molmocap.runtime.errors import ExportError, InputError
 
+from .config import Molmo2Config, load_config
+from .processing import Processing, load_processing
+from .rope import rope_tables
 from .weights import Weights
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 @dataclass
 class Checkpoint:
-    """A source opened for export: config, processor, generation settings and lazily read weights."""
+    """A source opened for export: config, tokenizer and processor settings, and lazily read weights."""
 
-    config: object
-    processor: object
-    generation_config: object
+    config: Molmo2Config
+    processing: Processing
     weights: Weights
+    rope: dict[str, tuple[np.ndarray, float]]  # "scaled"/"unscaled" -> (inv_freq, attention scaling)
     source: str
     path: Path
-
-    def rope_tables(self) -> dict[str, tuple[np.ndarray, float]]:
-        """inv_freq and attention scaling of the scaled and unscaled RoPE, from transformers' own rotary modules."""
-        from transformers.models.molmo2.modeling_molmo2 import Molmo2RotaryEmbedding
-
-        return {
-            kind: (module.inv_freq.detach().float().numpy(), float(module.attention_scaling))
-            for kind, module in (("scaled", Molmo2RotaryEmbedding(self.config.text_config, scaled=True)),
-                                 ("unscaled", Molmo2RotaryEmbedding(self.config.text_config, scaled=False)))
-        }
 
 
 def resolve_source(src: str) -> Path:
@@ -59,24 +51,10 @@ def resolve_source(src: str) -> Path:
 
 
 def load_checkpoint(path: Path, source: str) -> Checkpoint:
-    """Open a resolved checkpoint directory: transformers reads the config (the hub's legacy keys included) and the
-    processor; weights stay on disk until the exporter asks for them. `source` is what the user named."""
-    from transformers import GenerationConfig, Molmo2Config, Molmo2Processor
-
-    try:
-        config = Molmo2Config.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot load a Molmo2 config from {path}: {exc}".splitlines()[0]) from None
-    try:
-        processor = Molmo2Processor.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot load the Molmo2 processor/tokenizer from {path}: {exc}".splitlines()[0]) from None
-    try:
-        generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        generation_config = GenerationConfig()
-    rope_type = config.text_config.rope_parameters.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ExportError(f"rope_type {rope_type!r} depends on sequence length and is not supported")
-    return Checkpoint(config=config, processor=processor, generation_config=generation_config,
-                      weights=Weights(path, config.text_config), source=source, path=path)
+    """Open a resolved checkpoint directory from its files alone (no torch, no transformers): the config (the
+    hub's legacy keys included), tokenizer and processor settings; weights stay on disk until the exporter asks
+    for them. `source` is what the user named."""
+    config = load_config(path)
+    tables = rope_tables(config.text_config)  # an unsupported RoPE fails before anything is read
+    return Checkpoint(config=config, processing=load_processing(path), weights=Weights(path, config.text_config),
+                      rope=tables, source=source, path=path)

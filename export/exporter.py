@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from molmocap.runtime.errors import ExportError, InputError
 from molmocap.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
@@ -15,6 +18,7 @@ from molmocap.runtime.styles import STYLES
 
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source
 from .plan import PLANS, ExportPlan
+from .processing import Processing
 from .text import build_decoder, build_embed
 from .vision import build_adapter, build_vision
 
@@ -28,13 +32,13 @@ IMAGE_STRUCTURE_TOKENS = ("<im_patch>", "<im_col>", "<im_start>", "<low_res_im_s
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
-def prompt_template(processor) -> str:
+def prompt_template(processing: Processing) -> str:
     """The checkpoint's chat template rendered for one image and one user turn, with `{prompt}` as the text slot."""
-    if not getattr(processor, "chat_template", None):
+    if not processing.chat_template:
         return DEFAULT_TEMPLATE
     sentinel = "\x00MOLMOCAP_PROMPT\x00"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sentinel}]}]
-    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = processing.render_chat(messages)
     if rendered.count(sentinel) != 1 or rendered.count(IMAGE_TOKEN) != 1:
         raise ExportError("the checkpoint's chat template does not place one image and one prompt")
     return rendered.replace(sentinel, PROMPT_SLOT)
@@ -56,11 +60,11 @@ def prompt_overrides(path: Path) -> dict:
     return data
 
 
-def _token_ids(tokenizer, names) -> dict[str, int]:
+def _token_ids(tokenizer: Tokenizer, names) -> dict[str, int]:
     ids = {}
     for name in names:
-        token_id = tokenizer.convert_tokens_to_ids(name)
-        if token_id is None or token_id == tokenizer.unk_token_id:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is None:
             raise ExportError(f"the tokenizer lacks the Molmo2 special token {name}")
         ids[name] = int(token_id)
     return ids
@@ -68,16 +72,18 @@ def _token_ids(tokenizer, names) -> dict[str, int]:
 
 def build_manifest(ckpt: Checkpoint, quant: str, plan: ExportPlan, files: list[Path]) -> dict:
     cfg = ckpt.config
-    proc = ckpt.processor
+    proc = ckpt.processing
     tok = proc.tokenizer
     ip = proc.image_processor
     text, vision, adapter = cfg.text_config, cfg.vision_config, cfg.adapter_config
     structure = _token_ids(tok, IMAGE_STRUCTURE_TOKENS)
     stop = set(_token_ids(tok, [t for t in STOP_TOKENS if t in tok.get_vocab()]).values())
-    eos = ckpt.generation_config.eos_token_id
+    eos = proc.eos_token_id
     stop |= set([eos] if isinstance(eos, int) else eos or [])
-    bos = tok.bos_token or tok.eos_token
-    single_col = proc.use_single_crop_col_tokens
+    bos = proc.bos_token
+    if bos is None or tok.token_to_id(bos) is None:
+        raise ExportError(f"the tokenizer has no bos or eos token in its vocabulary ({bos!r})")
+    single_col = proc.flags["use_single_crop_col_tokens"]
     overrides = prompt_overrides(ckpt.path)
     return {
         "format": "molmocap",
@@ -102,7 +108,7 @@ def build_manifest(ckpt: Checkpoint, quant: str, plan: ExportPlan, files: list[P
         },
         "tokens": {
             "bos": bos,
-            "bos_id": int(tok.convert_tokens_to_ids(bos)),
+            "bos_id": tok.token_to_id(bos),
             "image_patch_id": cfg.image_patch_id,
             "image_structure_ids": sorted(set(structure.values())),
             "named": structure,
@@ -113,19 +119,20 @@ def build_manifest(ckpt: Checkpoint, quant: str, plan: ExportPlan, files: list[P
             "image_token": IMAGE_TOKEN,
             "default_caption_prompt": overrides.get("caption", DEFAULT_CAPTION_PROMPT),
             "styles": overrides.get("styles", {}),
-            "image_use_col_tokens": bool(proc.image_use_col_tokens),
-            "use_single_crop_col_tokens": bool(proc.image_use_col_tokens if single_col is None else single_col),
-            "use_single_crop_start_token": bool(proc.use_single_crop_start_token),
+            "image_use_col_tokens": bool(proc.flags["image_use_col_tokens"]),
+            "use_single_crop_col_tokens": bool(proc.flags["image_use_col_tokens"] if single_col is None
+                                               else single_col),
+            "use_single_crop_start_token": bool(proc.flags["use_single_crop_start_token"]),
         },
         "preprocess": {
-            "crop_size": ip.size["height"] if isinstance(ip.size, dict) else ip.size.height,
-            "patch_size": ip.patch_size,
-            "overlap_margins": list(ip.overlap_margins),
-            "pooling_size": list(ip.pooling_size),
-            "max_crops": ip.max_crops,
-            "image_mean": list(ip.image_mean),
-            "image_std": list(ip.image_std),
-            "rescale_factor": ip.rescale_factor,
+            "crop_size": ip["crop_size"],
+            "patch_size": ip["patch_size"],
+            "overlap_margins": list(ip["overlap_margins"]),
+            "pooling_size": list(ip["pooling_size"]),
+            "max_crops": ip["max_crops"],
+            "image_mean": list(ip["image_mean"]),
+            "image_std": list(ip["image_std"]),
+            "rescale_factor": ip["rescale_factor"],
         },
         "components": {"vision": "vision.onnx", "adapter": "adapter.onnx", "embed": "embed.onnx",
                        "decoder": "decoder.onnx", **({"decoder_step": "decoder_step.onnx"} if plan.step else {})},
@@ -147,23 +154,33 @@ def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
         raise InputError(f"{out} already exists and is not empty (use --force to replace it)")
     start = time.perf_counter()
     path = resolve_source(src)
+    try:  # before the checkpoint is read: an unwritable output is known at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"cannot write {out}: {out.parent} is not a directory") from None
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out}: {out.parent} is not writable")
     progress(f"reading {src}")
     ckpt = load_checkpoint(path, src)
     cfg, weights = ckpt.config, ckpt.weights
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         build_vision(work / "vision.onnx", weights, cfg.vision_config, cfg.adapter_config, plan.vision, progress)
         progress("adapter")
         build_adapter(work / "adapter.onnx", weights, cfg.adapter_config, plan.adapter)
         progress("embeddings")
         build_embed(work / "embed.onnx", weights, cfg.text_config, plan.embed)
-        rope = ckpt.rope_tables()
+        rope = ckpt.rope
         build_decoder(work / "decoder.onnx", weights, cfg.text_config, rope, plan.prefill, plan.lm_head, progress)
         if plan.step:
             build_decoder(work / "decoder_step.onnx", weights, cfg.text_config, rope, plan.step, plan.lm_head,
                           progress)
-        ckpt.processor.tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+        ckpt.processing.tokenizer.save(str(work / "tokenizer.json"))
         progress("checksums")
         files = [f for f in work.iterdir() if f.is_file()]
         write_json_atomic(work / MANIFEST_NAME, build_manifest(ckpt, quant, plan, files))

@@ -16,6 +16,8 @@ import numpy as np
 
 from molmocap.runtime.errors import ExportError
 
+from .safetensors_io import TensorEntry, read_header, read_tensor
+
 _T = "model.transformer"
 _V = "model.vision_backbone"
 _RENAMES = [
@@ -48,43 +50,28 @@ class Weights:
     """Float32 tensors by transformers name, streamed from the safetensors files of a checkpoint directory."""
 
     def __init__(self, path: Path, text_config) -> None:
-        from safetensors import safe_open
-
         self.path = path
         self.text_config = text_config
         index = path / "model.safetensors.index.json"
         try:
-            if index.is_file():
-                shard_of = json.loads(index.read_text())["weight_map"]
-            else:
-                shard_of = {}
-            for name in sorted(set(shard_of.values())) or ["model.safetensors"]:
-                with safe_open(path / name, framework="pt") as f:  # validates every header up front
-                    shard_of.update(dict.fromkeys(f.keys(), name))
-        except Exception as exc:  # noqa: BLE001 - any unreadable shard becomes one clear line
-            raise ExportError(f"cannot load the weights of {path}: {exc}".splitlines()[0]) from None
-        self._shard_of = shard_of
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ExportError(f"cannot load the weights of {path}: bad {index.name}: {exc}") from None
+        self._entries: dict[str, tuple[str, TensorEntry]] = {}
+        for name in names or ["model.safetensors"]:  # every header is read and checked up front
+            self._entries.update((key, (name, entry)) for key, entry in read_header(path / name).items())
         self._fused: tuple[str, np.ndarray] | None = None
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(self.path / self._shard_of[key], framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return self._entries[key][1].shape
 
     def _read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """One tensor as float32 (into `out` when given). The shard is mapped only while reading, so its pages
         leave this process's memory again, and the dtype conversion writes straight into the result."""
-        import torch
-        from safetensors import safe_open
-
-        if key not in self._shard_of:
+        if key not in self._entries:
             raise ExportError(f"the checkpoint has no tensor {key}")
-        with safe_open(self.path / self._shard_of[key], framework="pt") as f:
-            tensor = f.get_tensor(key)
-        out = np.empty(tuple(tensor.shape), dtype=np.float32) if out is None else out
-        torch.from_numpy(out).copy_(tensor)
-        return out
+        name, entry = self._entries[key]
+        return read_tensor(self.path / name, entry, out)
 
     def _read_fused(self, key: str) -> np.ndarray:
         """Read a fused tensor once for its several parts."""
@@ -94,19 +81,19 @@ class Weights:
 
     def _source(self, name: str) -> str | None:
         """The on-disk key of a plainly renamed tensor, or None."""
-        if name in self._shard_of:
+        if name in self._entries:
             return name
         for pattern, replacement in _RENAMES:
             if re.fullmatch(pattern, name):
                 key = re.sub(pattern, replacement, name)
-                return key if key in self._shard_of else None
+                return key if key in self._entries else None
         return None
 
     def has(self, name: str) -> bool:
         if match := _QKV.fullmatch(name):
-            return f"{_T}.blocks.{match[1]}.self_attn.att_proj.{match[3]}" in self._shard_of or name in self._shard_of
+            return f"{_T}.blocks.{match[1]}.self_attn.att_proj.{match[3]}" in self._entries or name in self._entries
         if match := _UP_GATE.fullmatch(name):
-            return f"{_T}.blocks.{match[1]}.mlp.ff_proj.weight" in self._shard_of or name in self._shard_of
+            return f"{_T}.blocks.{match[1]}.mlp.ff_proj.weight" in self._entries or name in self._entries
         return self._source(name) is not None or name in (EMBED, "lm_head.weight")
 
     def get(self, name: str) -> np.ndarray:

@@ -1,8 +1,13 @@
-"""The exporter: component-level agreement with transformers, the manifest's contents, atomic output."""
+"""The exporter: component-level agreement with transformers, the manifest's contents, atomic output, and an
+export that runs without torch or transformers installed."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -10,10 +15,12 @@ import pytest
 import torch
 from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
-from conftest import CHECKPOINT_NAMES, noise_image
+from conftest import CHECKPOINT_NAMES, HUB_LAYOUT, noise_image
 from molmocap.export.exporter import export
 from molmocap.runtime.errors import InputError
 from molmocap.runtime.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def session(path):
@@ -127,3 +134,56 @@ def test_prompt_overrides_from_the_checkpoint(checkpoints, tmp_path):
     (src / "molmocap_prompts.json").write_text(json.dumps({"styles": {"poem": "Rhyme:"}}))
     with pytest.raises(Exception, match="poem"):
         export(str(src), tmp_path / "out2")
+
+
+def blocked_cli(blocked: tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
+    """`molmocap ARGS` in a fresh interpreter where importing any of `blocked` fails, as where it is not installed."""
+    script = textwrap.dedent(f"""
+        import sys
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    raise ImportError(f"{{name}} is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        from molmocap.cli import entry
+
+        sys.argv = ["molmocap", *{list(args)!r}]
+        entry()
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_export_needs_neither_torch_nor_transformers(checkpoints, exported, tmp_path):
+    """The export of the hub-layout checkpoint (sharded, legacy config) runs with torch, torchvision, transformers
+    and safetensors unimportable, writes what the in-process export wrote, and generates transformers' tokens."""
+    out = tmp_path / "out"
+    proc = blocked_cli(("torch", "torchvision", "transformers", "safetensors"), "export",
+                       str(checkpoints[HUB_LAYOUT]), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest, reference = load_manifest(out), load_manifest(exported[HUB_LAYOUT])
+    assert manifest.data["files"] == reference.data["files"]
+
+    from molmocap.runtime import Captioner
+
+    model = Molmo2ForConditionalGeneration.from_pretrained(checkpoints[HUB_LAYOUT]).eval()
+    processor = Molmo2Processor.from_pretrained(checkpoints[HUB_LAYOUT])
+    image, prompt = noise_image(240, 320, seed=7), "Describe this image."
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=[image], text=text, images_kwargs={"max_crops": 2}, return_tensors="pt")
+    with torch.no_grad():
+        sequence = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0]
+    expected = sequence[inputs["input_ids"].shape[1]:].tolist()
+    result = Captioner.load(out, threads=1).generate(image, prompt, max_new_tokens=16, max_crops=2)
+    assert result.token_ids and result.token_ids == expected[: len(result.token_ids)]
+
+
+def test_export_without_the_extra_says_how_to_install_it(checkpoints, tmp_path):
+    proc = blocked_cli(("onnx",), "export", str(checkpoints["qwen3_gqa"]), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert 'pip install "molmocap[export]"' in proc.stderr and "onnx" in proc.stderr
+    assert not (tmp_path / "out").exists()
