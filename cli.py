@@ -307,6 +307,25 @@ def serve(host: str, port: int, api_key: str | None, model: str | None, threads:
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
+@main.command()
+@click.argument("model", required=False, metavar="[MODEL]")
+@click.option("--verify", is_flag=True, help="Hash every model file now (else: the state of the last check).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def info(model: str | None, verify: bool, as_json: bool) -> None:
+    """Print what a question or bug report needs: the model (default: $MOLMOCAP_MODEL, else the embedded demo
+    model), its files and their verification, ONNX Runtime, the CPU, the result cache and the versions."""
+    from molmocap.runtime.info import gather, render_text
+
+    try:
+        model_dir = resolve_model(model)
+    except ModelError:
+        model_dir = None  # no model anywhere: the environment part is still worth printing
+    report = gather(model_dir, DEFAULT_MODEL, verify)
+    click.echo(json.dumps(report, ensure_ascii=False) if as_json else render_text(report))
+    if report["model"] is not None and report["model"]["error"]:
+        raise ModelError(report["model"]["error"])
+
+
 @main.group("cache")
 def cache_group() -> None:
     """Inspect or empty the result cache ($MOLMOCAP_CACHE_DIR/results.sqlite, default ~/.cache/molmocap)."""
@@ -327,13 +346,12 @@ def cache_stats() -> None:
 @click.option("--model", "model", metavar="DIR", default=None, help="Clear only this model's entries.")
 def cache_clear(model: str | None) -> None:
     """Delete the cached results (all, or one model's); a corrupt cache file is deleted."""
-    from molmocap.runtime.cache import ResultCache, model_id
-    from molmocap.runtime.manifest import load_manifest
+    from molmocap.runtime.cache import ResultCache
+    from molmocap.runtime.manifest import read_manifest
 
-    if model is not None:
-        load_manifest(model)
+    model_id = read_manifest(model).model_id if model is not None else None  # no hashing: works on a damaged model
     cache = ResultCache()
-    removed = cache.clear(model_id(model) if model is not None else None)
+    removed = cache.clear(model_id)
     click.echo(f"deleted the unreadable cache file {cache.path}" if removed is None else f"removed {removed} entries")
 
 

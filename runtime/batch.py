@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import CachedResult, ResultCache, model_id, result_key
+from .cache import CachedResult, ResultCache, result_key
 from .captioner import Captioner, EncodedImage, ImageSource, Result
 from .errors import InputError
 from .manifest import load_manifest
@@ -99,6 +99,9 @@ def rounded_timings(timings: dict) -> dict:
 class Runner:
     """A model behind the result cache: its sessions are opened only when the cache lacks a result.
 
+    Its files are checked against the manifest's sha256s on construction (`load_manifest`), so a damaged model is
+    refused before any cached answer for it is served.
+
     The run's settings (max_new_tokens, max_crops, style) are fixed; each call names an image, the sha256 of its
     file and a prompt. A cache hit comes back with timings `{"cached": True, "total_s": lookup seconds}`; a
     computed result has the captioner's timings plus `"cached": False`.
@@ -108,7 +111,7 @@ class Runner:
                  style: str | None = None, threads: int | None = None, device: str = "cpu",
                  cache: ResultCache | None = None) -> None:
         self.manifest = load_manifest(model_dir)
-        self.model_id = model_id(model_dir)
+        self.model_id = self.manifest.model_id
         self.model_label = str(self.manifest.data.get("source") or Path(model_dir).resolve().name)
         self.style = style
         default_crops = PreprocessConfig.from_dict(self.manifest.preprocess).max_crops

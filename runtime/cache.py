@@ -1,8 +1,9 @@
 """A persistent result cache: one SQLite file maps (image, model, prompt, options) to the generated result.
 
 Greedy decoding is deterministic, so a result computed once can be served again without loading the model. The
-key is the sha256 of the image file's bytes, the model id (sha256 of its `molmocap.json`), the prompt and every
-generation option that changes the output. The file lives at `$MOLMOCAP_CACHE_DIR/results.sqlite`, else
+key is the sha256 of the image file's bytes, the model id (`Manifest.model_id`: it follows the weights, since
+loading a model checks every file against the sha256s its manifest lists), the prompt and every generation option
+that changes the output. The file lives at `$MOLMOCAP_CACHE_DIR/results.sqlite`, else
 `$XDG_CACHE_HOME/molmocap/results.sqlite`, else `~/.cache/molmocap/results.sqlite`. WAL mode and a busy timeout
 let several processes share it. Captioning never fails because of the cache: an unusable file is reported once
 and the run goes on without it; only `molmocap cache` (stats, clear) reports it as an error.
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CacheError
-from .manifest import MANIFEST_NAME, sha256_file
 
 CACHE_FILE = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -53,18 +53,19 @@ def _is_corrupt(exc: sqlite3.Error) -> bool:
     return (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
-def default_cache_path() -> Path:
-    """`$MOLMOCAP_CACHE_DIR/results.sqlite`, else under `$XDG_CACHE_HOME/molmocap`, else `~/.cache/molmocap`."""
+def cache_dir() -> Path:
+    """Where molmocap keeps what it can recompute (results, model verification stamps): `$MOLMOCAP_CACHE_DIR`,
+    else `$XDG_CACHE_HOME/molmocap`, else `~/.cache/molmocap`."""
     chosen = os.environ.get("MOLMOCAP_CACHE_DIR")
     if chosen:
-        return Path(chosen).expanduser() / CACHE_FILE
+        return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "molmocap" / CACHE_FILE
+    return Path(base).expanduser() / "molmocap"
 
 
-def model_id(model_dir: str | os.PathLike) -> str:
-    """The sha256 of a model's `molmocap.json`: it lists every file's sha256, so it names the exact model."""
-    return sha256_file(Path(model_dir) / MANIFEST_NAME)
+def default_cache_path() -> Path:
+    """The result cache file, `results.sqlite` in `cache_dir()`."""
+    return cache_dir() / CACHE_FILE
 
 
 def result_key(image_sha256: str, model: str, prompt: str, options: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,23 @@ def quantized(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("quantized")
     return {quant: export(str(checkpoints["qwen3_gqa"]), root / quant, quant=quant) for quant in PLANS}
+
+
+@pytest.fixture()
+def model_copy(exported, tmp_path) -> Path:
+    """A private copy of the tiny qwen3_gqa export, for tests that damage or edit a model."""
+    target = tmp_path / "model"
+    shutil.copytree(exported["qwen3_gqa"], target)
+    return target
+
+
+def flip_byte(path: Path) -> None:
+    """Damage a file without changing its size: invert its middle byte in place (which moves its mtime on)."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
 
 
 def molmocap(*args: str, cache_dir: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import molmocap, noise_image
-from molmocap.runtime.cache import CachedResult, ResultCache, default_cache_path, model_id, result_key
+from conftest import flip_byte, molmocap, noise_image
+from molmocap.runtime.cache import CachedResult, ResultCache, default_cache_path, result_key
 from molmocap.runtime.errors import CacheError
+from molmocap.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 
@@ -123,7 +124,7 @@ def test_cli_second_run_hits_the_cache(exported, image, tmp_path):
 
     stats = molmocap("cache", "stats", cache_dir=tmp_path)
     assert stats.returncode == 0 and "entries: 3" in stats.stdout and str(tmp_path) in stats.stdout
-    assert f"model {model_id(model)[:16]}" in stats.stdout and ": 3 entries" in stats.stdout
+    assert f"model {read_manifest(model).model_id[:16]}" in stats.stdout and ": 3 entries" in stats.stdout
     cleared = molmocap("cache", "clear", "--model", model, cache_dir=tmp_path)
     assert cleared.returncode == 0 and "removed 3 entries" in cleared.stdout
     assert "entries: 0" in molmocap("cache", "stats", cache_dir=tmp_path).stdout
@@ -144,3 +145,43 @@ def test_cli_tolerates_a_corrupt_cache(exported, image, tmp_path):
     cleared = molmocap("cache", "clear", cache_dir=tmp_path)
     assert cleared.returncode == 0 and "deleted" in cleared.stdout
     assert not (tmp_path / "results.sqlite").exists()
+
+
+def test_cached_answer_is_not_served_for_a_damaged_model(model_copy, image, tmp_path):
+    cache = tmp_path / "cache"
+    model = str(model_copy)
+    out = tmp_path / "results.jsonl"
+    for _ in range(2):
+        first = molmocap("caption", str(image), "--model", model, "--json", *FAST, cache_dir=cache)
+        assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["timings"]["cached"] is True
+    flip_byte(model_copy / "decoder.onnx.data")
+    for args in (("--json",), ("-o", str(out))):  # the answer is in the cache: the model is not even opened
+        proc = molmocap("caption", str(image), "--model", model, *args, *FAST, cache_dir=cache)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("error: ") and "decoder.onnx.data" in lines[0]
+    assert not out.exists() or out.read_text() == ""
+    cleared = molmocap("cache", "clear", "--model", model, cache_dir=cache)  # clearing needs no intact weights
+    assert cleared.returncode == 0 and "removed 1 entries" in cleared.stdout
+
+
+def test_model_id_follows_re_exported_weights(model_copy, image, tmp_path):
+    """A weight file replaced together with its manifest sha256 (a re-export) is a new model: new id, no hit."""
+    cache = tmp_path / "cache"
+    model = str(model_copy)
+    before = read_manifest(model_copy).model_id
+    first = molmocap("caption", str(image), "--model", model, "--json", *FAST, cache_dir=cache)
+    assert first.returncode == 0, first.stderr
+    weights = model_copy / "embed.onnx.data"
+    flip_byte(weights)
+    manifest = json.loads((model_copy / MANIFEST_NAME).read_text())
+    (entry,) = [entry for entry in manifest["files"] if entry["path"] == weights.name]
+    entry["sha256"] = sha256_file(weights)
+    (model_copy / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    assert read_manifest(model_copy).model_id != before
+    second = molmocap("caption", str(image), "--model", model, "--json", *FAST, cache_dir=cache)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["timings"]["cached"] is False
+    stats = molmocap("cache", "stats", cache_dir=cache)
+    assert f"model {before[:16]}" in stats.stdout and f"model {read_manifest(model_copy).model_id[:16]}" in stats.stdout
