@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,6 +14,9 @@ from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
 from molmocap.runtime.preprocess import MAX_CROPS
 from molmocap.runtime.styles import STYLES
+
+if TYPE_CHECKING:
+    from molmocap.runtime.caption_files import CaptionFiles
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
 
@@ -209,19 +213,37 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append one row per image to this results file; a rerun skips the images it holds, "
                    "a bad image becomes an error row (exit status 2 at the end).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
-              help="Results file format (default: csv for a .csv file, else jsonl).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "imagefolder"]), default=None,
+              help="Results file format (default: csv for a .csv file, else jsonl); imagefolder: Hugging Face's "
+                   "metadata.jsonl (file_name, text), written at the top of the dataset folder.")
 @click.option("--write-xmp", is_flag=True, help="Write an XMP sidecar (photo.jpg -> photo.xmp) per image.")
 @click.option("--force", is_flag=True, help="With --write-xmp: replace sidecars molmocap did not write.")
+@click.option("--write-txt", is_flag=True, help="Write a caption file (photo.jpg -> photo.txt) per image, for "
+              "training sets; a rerun skips images whose file is up to date.")
+@click.option("--caption-ext", default=".txt", show_default=True, metavar=".EXT",
+              help="With --write-txt: the caption files' extension.")
+@click.option("--prefix", default="", metavar="TEXT", help="With --write-txt or --format imagefolder: text put "
+              "before every caption, such as a trigger word (\"sks, \").")
+@click.option("--skip-existing", is_flag=True, help="With --write-txt: keep existing caption files and do not "
+              "caption their images.")
+@click.option("--overwrite", is_flag=True, help="With --write-txt: replace existing caption files, also those "
+              "molmocap did not write (by default they are refused).")
+@click.option("--pages", default=None, metavar="RANGES", help="PDF pages to caption, such as 1-5,8,10- "
+              "(default: all).")
 @model_options
 def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, out: Path | None,
-            fmt: str | None, write_xmp: bool, force: bool, **options) -> None:
+            fmt: str | None, write_xmp: bool, force: bool, write_txt: bool, caption_ext: str, prefix: str,
+            skip_existing: bool, overwrite: bool, pages: str | None, **options) -> None:
     """Caption IMAGES: files, directories (searched recursively) or quoted glob patterns ("photos/**/*.jpg").
+    PDFs among them are captioned page by page (needs the pdf extra: pip install "molmocap[pdf]").
 
     Examples: molmocap caption photo.jpg --json; molmocap caption photo.jpg --style alt;
-    molmocap caption photos/ -o results.jsonl --write-xmp
+    molmocap caption photos/ -o results.jsonl --write-xmp; molmocap caption dataset/ --write-txt --prefix "sks, ";
+    molmocap caption report.pdf --pages 1-5 -o pages.jsonl
     """
     from molmocap.runtime.batch import discover
+    from molmocap.runtime.caption_files import CaptionFiles
+    from molmocap.runtime.documents import is_pdf, parse_pages, require_renderer
 
     if lang and not style and not prompt:
         style = "short"
@@ -229,29 +251,51 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
         raise click.UsageError("--format applies to the results file: give -o FILE")
     if force and not write_xmp:
         raise click.UsageError("--force applies to --write-xmp")
-    if out is not None:
-        caption_to_file(discover(images), out, fmt, prompt, None if prompt else style, lang, write_xmp, force,
-                        **options)
+    if (skip_existing or overwrite or caption_ext != ".txt") and not write_txt:
+        raise click.UsageError("--skip-existing, --overwrite and --caption-ext apply to --write-txt")
+    if skip_existing and overwrite:
+        raise click.UsageError("--skip-existing and --overwrite cannot be combined")
+    if prefix and not (write_txt or fmt == "imagefolder"):
+        raise click.UsageError("--prefix applies to --write-txt and --format imagefolder")
+    ranges = parse_pages(pages) if pages is not None else None
+    paths = discover(images, documents=not (write_txt or write_xmp or fmt == "imagefolder"))
+    documents = any(is_pdf(path) for path in paths)
+    if ranges is not None and not documents:
+        raise click.UsageError("--pages applies to PDFs, and none is among IMAGES")
+    if documents:
+        require_renderer()
+    if out is not None or write_txt or documents:
+        mode = "skip" if skip_existing else "overwrite" if overwrite else "refuse"
+        captions = CaptionFiles(caption_ext, prefix, mode) if write_txt else None
+        caption_to_file(paths, out, fmt, prompt, None if prompt else style, lang, write_xmp, force,
+                        captions=captions, pages=ranges, prefix=prefix, **options)
         return
-    run_images(tuple(discover(images)), [prompt], style=None if prompt else style, lang=lang, write_xmp=write_xmp,
+    run_images(tuple(paths), [prompt], style=None if prompt else style, lang=lang, write_xmp=write_xmp,
                force=force, **options)
 
 
-def caption_to_file(images: list[str], out: Path, fmt: str | None, prompt: str | None, style: str | None,
+def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt: str | None, style: str | None,
                     lang: str | None, write_xmp: bool, force: bool, model: str | None, max_new_tokens: int,
                     max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
-                    no_cache: bool) -> None:
-    """`caption -o`: resumable batch into a results file, with a progress bar when stderr is a terminal."""
-    from molmocap.runtime.batch import Runner, output_format, run_batch
+                    no_cache: bool, captions: CaptionFiles | None = None,
+                    pages: list[tuple[int, int | None]] | None = None, prefix: str = "") -> None:
+    """`caption -o`, `--write-txt` and PDFs: a resumable batch into a results file (without -o, the rows that
+    succeed are printed: text, or JSON with --json), with a progress bar when stderr is a terminal."""
+    from molmocap.runtime.batch import Runner, check_imagefolder, output_format, run_batch
     from molmocap.runtime.cache import ResultCache
+    from molmocap.runtime.documents import is_pdf
 
-    if as_json or stream:
+    if out is not None and (as_json or stream):
         raise click.UsageError("-o writes a results file: --json and --stream do not apply (see --format)")
+    if stream:
+        raise click.UsageError("--stream applies to images only, without --write-txt")
+    fmt = output_format(out, fmt) if out is not None else "jsonl"
+    if fmt == "imagefolder":
+        check_imagefolder(images, out)
     runner = Runner(resolve_model(model), max_new_tokens, max_crops, style, threads=threads, device=device,
                     cache=None if no_cache else ResultCache())
     if style and prompt is None:
         prompt = runner.style_prompt(style, lang)
-    fmt = output_format(out, fmt)
 
     tty = sys.stderr.isatty()
     clear_bar = "\r\x1b[K" if tty else ""  # an error line replaces the progress bar, which redraws below it
@@ -259,17 +303,33 @@ def caption_to_file(images: list[str], out: Path, fmt: str | None, prompt: str |
     def report(message: str) -> None:
         click.echo(f"{clear_bar}error: {message}", err=True)
 
+    def show(row: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(row, ensure_ascii=False))
+        elif captions is None:
+            label = f"{row['source']} page {row['page']}" if "source" in row else row["image"]
+            click.echo(f"{label}: {row['text']}")
+
+    batch = {"captions": captions, "pages": pages, "prefix": prefix, "on_error": report,
+             "on_row": show if out is None else None}
     if tty:
         with click.progressbar(length=len(images), label="captioning", file=sys.stderr) as bar:
-            summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, on_error=report,
-                                on_progress=lambda _: bar.update(1))
+            summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force,
+                                on_progress=lambda _: bar.update(1), **batch)
     else:
-        summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, on_error=report)
-    click.echo(f"{summary.total} images: {summary.computed} captioned, {summary.cached} from the cache, "
-               f"{summary.skipped} already in {out}, {summary.failed} failed", err=True)
+        summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, **batch)
+    printing = out is None and captions is None  # rows on stdout, as without PDFs: no summary line
+    done = f"already in {out}" if out is not None else "already done"
+    items = "images and pages" if pages is not None or any(is_pdf(path) for path in images) else "images"
+    if not printing:
+        click.echo(f"{summary.total} {items}: {summary.computed} captioned, {summary.cached} from the cache, "
+                   f"{summary.skipped} {done}, {summary.failed} failed", err=True)
     demo_notice(is_demo_model(runner.manifest))
+    if printing and summary.failed == summary.total == 1:
+        click.get_current_context().exit(2)  # its one error line is already out
     if summary.failed:
-        raise InputError(f"{summary.failed} of {summary.total} images failed; their rows in {out} hold the errors")
+        where = f"; their rows in {out} hold the errors" if out is not None and fmt != "imagefolder" else ""
+        raise InputError(f"{summary.failed} of {summary.total} {items} failed{where}")
 
 
 @main.command()

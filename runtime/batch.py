@@ -6,6 +6,11 @@ appends; a row that cannot be written whole (a full disk) is cut off at once and
 same file skips every image it already holds a result for, keyed by the image's content (sha256), the model id,
 the prompt and the generation options; the images it holds error rows for are tried again (their error rows are
 dropped first).
+
+PDFs are captioned page by page (`documents`): their rows carry `source` (the PDF) and `page` (1-based) instead of
+`image`, keyed by the PDF's sha256 and the page. The `imagefolder` format is Hugging Face's `metadata.jsonl`: rows
+`{"file_name", "text"}` only, for the images that succeeded (errors are reported, not written), resumed by
+`file_name`, so the file stays loadable with `datasets.load_dataset("imagefolder", ...)`.
 """
 
 from __future__ import annotations
@@ -22,36 +27,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import CachedResult, ResultCache, result_key
+from .caption_files import CaptionFiles
 from .captioner import Captioner, EncodedImage, ImageSource, Result
+from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, select_pages
 from .errors import InputError
 from .manifest import load_manifest
 from .preprocess import PreprocessConfig
 from .styles import StyleOutputError, finish, style_prompt
-from .xmp import remove_leftovers, replace_atomically, sidecar_path, write_sidecar
+from .xmp import remove_leftovers, replace_atomically, sidecar_fields, sidecar_path, write_sidecar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "imagefolder")
 CSV_COLUMNS = ("image", "sha256", "text", "prompt_tokens", "cached", "total_s", "error", "model", "prompt",
                "options", "key")
 
 
-def discover(args: Iterable[str]) -> list[str]:
-    """Image paths for command-line arguments, so that one command can caption a whole photo library.
+def discover(args: Iterable[str], documents: bool = True) -> list[str]:
+    """Image (and, with `documents`, PDF) paths for command-line arguments, so that one command can caption a whole
+    photo library.
 
     A directory is searched recursively and a glob pattern expanded (`**` spans directories), both for files with
-    an image extension, sorted, hidden files and directories left out; any other argument is taken as a file as it
-    is. Paths seen twice are kept once. A directory without images or a pattern matching none is an `InputError`,
-    before any work starts.
+    an image extension (or .pdf), sorted, hidden files and directories left out; any other argument is taken as a
+    file as it is. Paths seen twice are kept once. A directory without images or a pattern matching none is an
+    `InputError`, before any work starts.
     """
+    extensions = IMAGE_EXTENSIONS | {PDF_EXTENSION} if documents else IMAGE_EXTENSIONS
     found: list[str] = []
     seen: set[str] = set()
     for arg in args:
         if os.path.isdir(arg):
-            paths = _walk_images(arg)
+            paths = _walk_images(arg, extensions)
             if not paths:
-                raise InputError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in directory {arg}")
+                raise InputError(f"no images ({', '.join(sorted(extensions))}) in directory {arg}")
         elif not os.path.exists(arg) and any(char in arg for char in "*?["):
-            paths = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p) and _is_image_name(p))
+            paths = sorted(p for p in glob.glob(arg, recursive=True)
+                           if os.path.isfile(p) and _is_image_name(p, extensions))
             if not paths:
                 raise InputError(f"no images match {arg}")
         else:
@@ -63,16 +73,16 @@ def discover(args: Iterable[str]) -> list[str]:
     return found
 
 
-def _is_image_name(name: str) -> bool:
-    return not os.path.basename(name).startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def _is_image_name(name: str, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> bool:
+    return not os.path.basename(name).startswith(".") and os.path.splitext(name)[1].lower() in extensions
 
 
-def _walk_images(root: str) -> list[str]:
-    """Image files under `root`, recursively, sorted; hidden directories are not entered."""
+def _walk_images(root: str, extensions: frozenset[str]) -> list[str]:
+    """Files with these extensions under `root`, recursively, sorted; hidden directories are not entered."""
     paths = []
     for top, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        paths.extend(os.path.join(top, name) for name in files if _is_image_name(name))
+        paths.extend(os.path.join(top, name) for name in files if _is_image_name(name, extensions))
     return sorted(paths)
 
 
@@ -177,7 +187,8 @@ def output_format(path: str | os.PathLike, fmt: str | None) -> str:
 
 
 class ResultsFile:
-    """An append-only results file, JSON lines or CSV, that a kill cannot corrupt and a rerun resumes.
+    """An append-only results file, JSON lines, CSV or imagefolder metadata, that a kill cannot corrupt and a rerun
+    resumes.
 
     JSON rows carry image, sha256, key, model (id), prompt, options, text, token_ids, prompt_tokens, timings and
     error (null unless the image failed); CSV rows carry `CSV_COLUMNS`, with options as JSON.
@@ -204,7 +215,7 @@ class ResultsFile:
             end = _complete_end(data, self.format)
             records = self._parse(data[:end])
             kept = [record for record in records
-                    if not (record.get("error") and os.path.normpath(str(record.get("image"))) in retry)]
+                    if not (record.get("error") and os.path.normpath(_record_path(record)) in retry)]
             if len(kept) < len(records):
                 header = [self._encode_header()] if self.format == "csv" else []
                 replace_atomically(self.path, b"".join([*header, *map(self._encode, kept)]))
@@ -219,6 +230,8 @@ class ResultsFile:
         except OSError as exc:
             self.close()
             raise InputError(f"cannot write results file {self.path}: {exc.strerror or exc}") from None
+        if self.format == "imagefolder":
+            return {record["file_name"] for record in kept if isinstance(record.get("file_name"), str)}
         return {record["key"] for record in kept if record.get("key") and not record.get("error")}
 
     def append(self, row: dict) -> None:
@@ -256,7 +269,7 @@ class ResultsFile:
             raise
 
     def _encode(self, record: dict) -> bytes:
-        if self.format == "jsonl":
+        if self.format != "csv":
             return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         return _csv_line([record.get(column, "") for column in CSV_COLUMNS])
 
@@ -287,13 +300,20 @@ class ResultsFile:
         return rows
 
 
+def _record_path(record: dict) -> str:
+    """The file a results row is about: its image, or its PDF (`source`; in CSV, the image column `doc.pdf#page=N`)."""
+    path = str(record.get("source") or record.get("image"))
+    base, marker, page = path.rpartition("#page=")
+    return base if marker and page.isdigit() and is_pdf(base) else path
+
+
 def _complete_end(data: bytes, fmt: str) -> int:
     """Length of the part of `data` made of whole rows: up to the last newline that ends a record.
 
     A CSV newline ends a record only outside quotes, i.e. after an even number of `"` (quotes inside a field
     are doubled, so the parity holds); multi-byte UTF-8 never contains these bytes.
     """
-    if fmt == "jsonl":
+    if fmt != "csv":
         return data.rfind(b"\n") + 1
     end = position = quotes = 0
     for piece in data.split(b"\n")[:-1]:
@@ -314,8 +334,9 @@ def _csv_record(row: dict) -> dict:
     """A JSON row's CSV columns."""
     timings = row.get("timings") or {}
     cached = timings.get("cached")
+    image = row.get("image") or (row["source"] if row.get("page") is None else f"{row['source']}#page={row['page']}")
     return {
-        "image": row["image"], "sha256": row["sha256"] or "", "text": row.get("text", ""),
+        "image": image, "sha256": row["sha256"] or "", "text": row.get("text", ""),
         "prompt_tokens": row.get("prompt_tokens", ""), "cached": "" if cached is None else str(cached).lower(),
         "total_s": timings.get("total_s", ""), "error": row["error"] or "", "model": row["model"],
         "prompt": row["prompt"], "options": json.dumps(row["options"], sort_keys=True), "key": row["key"] or "",
@@ -338,7 +359,8 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass
 class Summary:
-    """What a batch did: images seen, computed by the model, served by the cache, skipped as done, failed."""
+    """What a batch did: items (images and PDF pages) seen, computed by the model, served by the cache, skipped
+    (done, or caption file kept), failed."""
 
     total: int = 0
     computed: int = 0
@@ -347,56 +369,156 @@ class Summary:
     failed: int = 0
 
 
-def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str | os.PathLike, fmt: str,
-              write_xmp: bool = False, force: bool = False, on_error: Callable[[str], None] | None = None,
-              on_progress: Callable[[str], None] | None = None) -> Summary:
-    """Caption `paths` with `prompt` into the results file `out`, skipping the images it already holds.
+def check_imagefolder(paths: Sequence[str], out: str | os.PathLike) -> None:
+    """An `InputError` unless `out` is a .jsonl file (Hugging Face looks for `metadata.jsonl`) and every path is an
+    image inside its folder (the `file_name`s are relative to it)."""
+    if not str(out).lower().endswith(".jsonl"):
+        raise InputError(f"--format imagefolder writes JSON lines: name the file metadata.jsonl, not {out}")
+    root = Path(out).resolve().parent
+    for path in paths:
+        if is_pdf(path):
+            raise InputError(f"--format imagefolder lists image files; {path} is a PDF")
+        if not Path(path).resolve().is_relative_to(root):
+            raise InputError(f"--format imagefolder: {path} is not inside {root}, the folder of {out}; "
+                             "write the metadata file at the top of the dataset folder")
 
-    A failure of one image (an `InputError`: unreadable, corrupt, prompt too long, a sidecar it must not replace;
-    or a `StyleOutputError`) becomes an error row and a call of `on_error(message)`, and the batch goes on; any
-    other error stops it. `on_progress` is called with each path once it is done. With `write_xmp`, the temporary
-    sidecars of an earlier run that was killed mid-write are deleted first.
+
+def page_identity(pdf_sha256: str, page: int) -> str:
+    """What stands for a page's image sha256 in result keys: the PDF's sha256, the page and the render size."""
+    return f"{pdf_sha256}#page={page}@{PAGE_LONG_SIDE}px"
+
+
+class _NoResults:
+    """The results sink of a batch without a results file (caption files only, or rows printed)."""
+
+    def open(self, retry: Iterable[str] = ()) -> set[str]:
+        return set()
+
+    def append(self, row: dict) -> None:
+        pass
+
+    def __enter__(self) -> _NoResults:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str | os.PathLike | None, fmt: str,
+              write_xmp: bool = False, force: bool = False, on_error: Callable[[str], None] | None = None,
+              on_progress: Callable[[str], None] | None = None, captions: CaptionFiles | None = None,
+              pages: list[tuple[int, int | None]] | None = None, prefix: str = "",
+              on_row: Callable[[dict], None] | None = None) -> Summary:
+    """Caption `paths` (images and PDFs) with `prompt` into the results file `out`, skipping the items it holds.
+
+    Without `out` nothing is kept but the caption files and sidecars; `on_row` receives every row that succeeded.
+    A failure of one item (an `InputError`: unreadable, corrupt, prompt too long, a sidecar or caption file it must
+    not replace, a PDF that does not open; or a `StyleOutputError`) becomes an error row (not in the imagefolder
+    format) and a call of `on_error(message)`, and the batch goes on; any other error stops it. `on_progress` is
+    called with each path once it is done. `captions` writes a caption file per image (and skips images whose file
+    is up to date or kept); `pages` selects PDF pages (all for None); `prefix` starts every imagefolder `text`.
+    Leftover temporary files of an earlier killed run are deleted first.
     """
-    summary = Summary(total=len(paths))
+    if write_xmp or captions is not None:
+        documents = [path for path in paths if is_pdf(path)]
+        if documents:
+            raise InputError(f"{documents[0]} is a PDF: its pages get rows, not caption files or sidecars")
+    summary = Summary()
     if write_xmp:
         remove_leftovers(sidecar_path(path) for path in paths)
-    with ResultsFile(out, fmt) as results:
+    if captions is not None:
+        captions.remove_leftovers(paths)
+    root = Path(out).resolve().parent if out is not None else None
+
+    with ResultsFile(out, fmt) if out is not None else _NoResults() as results:
         done = results.open(retry=paths)
-        for path in paths:
-            sha = key = None
+
+        def fail(item: dict, sha: str | None, key: str | None, exc: Exception) -> None:
+            summary.failed += 1
+            if fmt != "imagefolder":
+                results.append(_row(item, sha, key, runner, prompt, error=str(exc)))
+            if on_error is not None:
+                on_error(str(exc))
+
+        def caption_item(item: dict, image: Callable[[], ImageSource], sha: str, resume: str | None = None) -> None:
+            """One image or page: skip it when done, else generate, write its files and its row."""
+            summary.total += 1
+            key = None
             try:
-                sha = file_sha256(path)
                 key = runner.key(sha, prompt)
-                if key in done:
+                path = item.get("image")
+                if (resume or key) in done or (captions is not None and captions.skip(path, key)):
                     summary.skipped += 1
-                    continue
-                result = runner.generate(path, sha, prompt)
+                    return
+                result = runner.generate(image(), sha, prompt)
                 value = finish(runner.style, result.text) if runner.style else result.text
                 if write_xmp:
                     write_sidecar(path, value, runner.model_id, force)
+                if captions is not None:
+                    captions.write(path, value, key)
             except (InputError, StyleOutputError) as exc:
-                summary.failed += 1
-                results.append(_row(path, sha, key, runner, prompt, error=str(exc)))
-                if on_error is not None:
-                    on_error(str(exc))
+                fail(item, sha, key, exc)
+                return
+            if result.timings["cached"]:
+                summary.cached += 1
             else:
-                if result.timings["cached"]:
-                    summary.cached += 1
-                else:
-                    summary.computed += 1
-                results.append(_row(path, sha, key, runner, prompt, result, value))
+                summary.computed += 1
+            if fmt == "imagefolder":
+                row = {"file_name": resume, "text": prefix + sidecar_fields(value)[0]}
+            else:
+                row = _row(item, sha, key, runner, prompt, result, value)
+            results.append(row)
+            if on_row is not None:
+                on_row(row)
+
+        for path in paths:
+            try:
+                if is_pdf(path):
+                    _caption_document(path, pages, caption_item, fail, summary)
+                    continue
+                try:
+                    sha = file_sha256(path)
+                except InputError as exc:
+                    summary.total += 1
+                    fail({"image": path}, None, None, exc)
+                    continue
+                resume = Path(path).resolve().relative_to(root).as_posix() if fmt == "imagefolder" else None
+                caption_item({"image": path}, lambda path=path: path, sha, resume)
             finally:
                 if on_progress is not None:
                     on_progress(path)
     return summary
 
 
-def _row(path: str, sha: str | None, key: str | None, runner: Runner, prompt: str | None,
+def _caption_document(path: str, pages: list[tuple[int, int | None]] | None, caption: Callable, fail: Callable,
+                      summary: Summary) -> None:
+    """Each selected page of the PDF `path`, rendered only when it is not done; a PDF that does not open, or has
+    none of the selected pages, is one error row (page null)."""
+    sha = None
+    try:
+        sha = file_sha256(path)
+        document = PdfDocument(path)
+    except InputError as exc:
+        summary.total += 1
+        fail({"source": path, "page": None}, sha, None, exc)
+        return
+    with document:
+        numbers = select_pages(pages, len(document))
+        if not numbers:
+            summary.total += 1
+            fail({"source": path, "page": None}, sha, None,
+                 InputError(f"{path} has {len(document)} pages, none of them in --pages"))
+        for page in numbers:
+            caption({"source": path, "page": page}, lambda page=page: document.render(page), page_identity(sha, page))
+
+
+def _row(item: dict, sha: str | None, key: str | None, runner: Runner, prompt: str | None,
          result: Result | None = None, value: str | list | dict | None = None, error: str | None = None) -> dict:
-    """A results row; with a style, `text` is the cleaned answer (JSON text for seo and tags, also under `data`)
-    and `raw_text` what the model said."""
-    row: dict = {"image": path, "sha256": sha, "key": key, "model": runner.model_id, "prompt": runner.prompt(prompt),
-                 "options": runner.options}
+    """A results row for `item` (`{"image": path}` or `{"source": pdf, "page": n}`); with a style, `text` is the
+    cleaned answer (JSON text for seo and tags, also under `data`) and `raw_text` what the model said. A page's
+    `sha256` is its PDF's."""
+    row: dict = {**item, "sha256": sha.partition("#")[0] if sha else sha, "key": key, "model": runner.model_id,
+                 "prompt": runner.prompt(prompt), "options": runner.options}
     if result is not None:
         row["text"] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         if runner.style:
