@@ -1,22 +1,25 @@
-"""CPU speed and memory of molmocap against transformers on a full-size Molmo2-4B checkpoint, in one run.
+"""CPU speed and memory of molmocap against transformers on a full-size Molmo2-4B checkpoint, in one session.
 
 Every engine captions the same image with the same prompt and generates exactly `--tokens` tokens, at each
-`--max-crops`, each in its own process so that peak RSS is its own. Rows: time to first token, vision seconds,
-prefill tokens/s, decode tokens/s, peak RSS and model size on disk; transformers bf16 (what a user would pick) is
-the baseline. Missing exports are made first, with their time and peak RSS recorded. With `--fidelity`, each
-molmocap plan's next-token logits are compared with transformers' over teacher-forced positions.
+`--max-crops`. Each run is its own process (load, a 2-token warm-up, the measured caption), so its peak RSS is its
+own; `--runs` runs per engine and setting, interleaved across engines so that the load of this shared machine falls
+on all of them alike. Rows: median, min and max of time to first token, vision seconds, prefill tokens/s, decode
+tokens/s and peak RSS, the load average before and after each measured run, and model size on disk; transformers
+bf16 (what a user would pick) is the baseline. With `--fidelity`, each molmocap plan's next-token logits are compared
+with transformers' over teacher-forced positions, at each max_crops, and put in the same row. Missing exports are made
+first (bench_export.py's way, their time and peak RSS recorded). The results file is rewritten after each max_crops
+and each fidelity pass, with `complete` false until the end, so a run cut short on a busy machine keeps what it did.
 
     python benchmarks/make_synthetic_checkpoint.py /data/molmo2-4b-synthetic
-    python benchmarks/bench_cpu.py /data/molmo2-4b-synthetic --exports /data/molmo2-4b-onnx
+    python benchmarks/bench_cpu.py /data/molmo2-4b-synthetic --exports /data/molmo2-4b-onnx --fidelity 256
 
-Writes benchmarks/results/cpu-<date>.json (and .md): a list of rows with `engine`, `quant`, `max_crops`,
-`ttft_s`, `decode_tokens_per_s`, `peak_rss_gb`, `disk_gb` and more.
+Writes benchmarks/results/cpu-<date>.json (and .md): the conditions (command, machine, versions) and one row per
+engine, plan and max_crops.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -25,12 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from conditions import conditions, load_average, results_path, save, spread
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from molmocap.runtime.xmp import replace_atomically
 
 PROMPT = "Describe this image."
+SPEED = ["ttft_s", "vision_s", "prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s"]
 
 
 def bench_image() -> Image.Image:
@@ -44,43 +48,27 @@ def bench_image() -> Image.Image:
     return image
 
 
-def machine() -> dict:
-    """CPU model and the instruction sets that decide int8 and bf16 speed, plus library versions."""
-    import platform
-
-    import onnxruntime
-
-    flags = set()
-    model = platform.processor()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ["avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx2"]
-    return {"cpu": model, "cores": os.cpu_count(), "isa": [f for f in wanted if f in flags],
-            "onnxruntime": onnxruntime.__version__}
-
-
 def disk_gb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e9
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
 
 
-def run_child(args: list[str]) -> tuple[dict, float, float]:
-    """Run this script as a child; returns its JSON result, its peak RSS (GB) and wall seconds."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+def run_child(args: list[str]) -> tuple[dict, float]:
+    """Run this script as a child; returns its JSON result and its peak RSS (GB)."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed with status {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    return result, usage.ru_maxrss / 1e6, time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child {args} failed with status {os.waitstatus_to_exitcode(status)}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1e6
 
 
 # ----- child processes -------------------------------------------------------------------------------------------
+
+def transformers_inputs(processor, max_crops: int):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor(images=[bench_image()], text=text, images_kwargs={"max_crops": max_crops}, return_tensors="pt")
+
 
 def worker_transformers(checkpoint: str, max_crops: int, tokens: int, threads: int) -> dict:
     import torch
@@ -90,8 +78,6 @@ def worker_transformers(checkpoint: str, max_crops: int, tokens: int, threads: i
     torch.set_num_threads(threads)
     model = Molmo2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
     processor = Molmo2Processor.from_pretrained(checkpoint)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -105,8 +91,7 @@ def worker_transformers(checkpoint: str, max_crops: int, tokens: int, threads: i
 
     def run(n: int) -> dict:
         start = time.perf_counter()
-        inputs = processor(images=[bench_image()], text=text, images_kwargs={"max_crops": max_crops},
-                           return_tensors="pt")
+        inputs = transformers_inputs(processor, max_crops)
         preprocessed = time.perf_counter()
         with torch.no_grad():
             vision_start = time.perf_counter()
@@ -124,44 +109,44 @@ def worker_transformers(checkpoint: str, max_crops: int, tokens: int, threads: i
                 "decode_tokens_per_s": (n - 1) / (end - first), "generated": len(clock.times) - 1}
 
     run(2)
-    return run(tokens)
+    return measured(run, tokens)
 
 
 def worker_molmocap(model_dir: str, max_crops: int, tokens: int, threads: int) -> dict:
-    from molmocap.runtime import Captioner
+    from molmocap import Captioner
 
     captioner = Captioner.load(model_dir, threads=threads)
     captioner.stop_ids = set()  # exactly `tokens` tokens, as transformers' min_new_tokens does
-    captioner.generate(bench_image(), PROMPT, max_new_tokens=2, max_crops=max_crops)
-    result = captioner.generate(bench_image(), PROMPT, max_new_tokens=tokens, max_crops=max_crops)
-    return {"prompt_tokens": result.prompt_tokens, "generated": len(result.token_ids), **result.timings}
+
+    def run(n: int) -> dict:
+        result = captioner.generate(bench_image(), PROMPT, max_new_tokens=n, max_crops=max_crops)
+        return {"prompt_tokens": result.prompt_tokens, "generated": len(result.token_ids), **result.timings}
+
+    run(2)
+    return measured(run, tokens)
 
 
-def worker_export(checkpoint: str, out: str, quant: str) -> dict:
-    from molmocap.export.exporter import export
+def measured(run, tokens: int) -> dict:
+    """One measured run, with the load average just before and after it."""
+    before = load_average()
+    result = run(tokens)
+    return {**result, "load_average_before": before, "load_average_after": load_average()}
 
-    start = time.perf_counter()
-    export(checkpoint, Path(out), quant=quant, force=True, progress=lambda msg: print(msg, file=sys.stderr))
-    return {"export_s": time.perf_counter() - start}
 
-
-def worker_fidelity(checkpoint: str, model_dir: str, positions: int, threads: int) -> dict:
+def worker_fidelity(checkpoint: str, model_dir: str, max_crops: int, positions: int, threads: int) -> dict:
     """Teacher-forced logits of transformers (bf16; fp32 of the 4B does not fit beside it) and of molmocap."""
     import torch
     from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
+    from molmocap import Captioner
     from molmocap.export.fidelity import compare, teacher_forced_logits
-    from molmocap.runtime import Captioner
 
     captioner = Captioner.load(model_dir, threads=threads)
-    ours, tokens = teacher_forced_logits(captioner, bench_image(), PROMPT, None, positions, max_crops=1)
+    ours, tokens = teacher_forced_logits(captioner, bench_image(), PROMPT, None, positions, max_crops=max_crops)
     del captioner
     torch.set_num_threads(threads)
     model = Molmo2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    processor = Molmo2Processor.from_pretrained(checkpoint)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(images=[bench_image()], text=text, images_kwargs={"max_crops": 1}, return_tensors="pt")
+    inputs = transformers_inputs(Molmo2Processor.from_pretrained(checkpoint), max_crops)
     extra = torch.tensor([tokens], dtype=inputs["input_ids"].dtype)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -173,13 +158,50 @@ def worker_fidelity(checkpoint: str, model_dir: str, positions: int, threads: in
 
 # ----- the parent --------------------------------------------------------------------------------------------------
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| engine | quant | max_crops | prompt tokens | TTFT s | vision s | prefill tok/s | decode tok/s "
-            "| peak RSS GB | disk GB |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(
-        f"| {r['engine']} | {r['quant']} | {r['max_crops']} | {r['prompt_tokens']} | {r['ttft_s']:.2f} | "
-        f"{r['vision_s']:.2f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.2f} | "
-        f"{r['peak_rss_gb']:.2f} | {r['disk_gb']:.2f} |\n" for r in rows)
+def summarize(engine: str, quant: str, max_crops: int, where: str, runs: list[tuple[dict, float]]) -> dict:
+    """One row: median/min/max of each speed figure and of peak RSS over the runs, and the load around each."""
+    results = [{**r, "prefill_tokens_per_s": r["prompt_tokens"] / r["prefill_s"]} for r, _ in runs]
+    row = {"engine": engine, "quant": quant, "max_crops": max_crops, "runs": len(runs),
+           "prompt_tokens": results[0]["prompt_tokens"], "generated": [r["generated"] for r in results]}
+    row.update({key: spread([r[key] for r in results]) for key in SPEED})
+    row["peak_rss_gb"] = spread([rss for _, rss in runs], 3)
+    row["disk_gb"] = round(disk_gb(Path(where)), 3)
+    row["load_average"] = [{"before": r["load_average_before"], "after": r["load_average_after"]} for r in results]
+    return row
+
+
+def cell(figure: dict, fmt: str) -> str:
+    return f"{figure['median']:{fmt}} ({figure['min']:{fmt}}-{figure['max']:{fmt}})"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    head = (f"Median (min-max) of {rows[0]['runs']} runs, each its own process; {meta['tokens']} tokens, "
+            f"{meta['threads']} threads, {meta['machine']['cpu']} ({meta['machine']['cores']} cores). Fidelity: "
+            f"top-1 agreement and mean logit cosine against transformers bf16 over teacher-forced positions.\n"
+            f"Command: `{meta['command']}`\n\n"
+            "| engine | quant | max_crops | prompt tokens | TTFT s | vision s | prefill tok/s | decode tok/s "
+            "| peak RSS GB | disk GB | top-1 | cosine | load avg (1 min) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        fid = r.get("fidelity_vs_transformers_bf16")
+        loads = [v for load in r["load_average"] for v in (load["before"][0], load["after"][0])]
+        lines.append(
+            f"| {r['engine']} | {r['quant']} | {r['max_crops']} | {r['prompt_tokens']} | {cell(r['ttft_s'], '.2f')} | "
+            f"{cell(r['vision_s'], '.2f')} | {cell(r['prefill_tokens_per_s'], '.0f')} | "
+            f"{cell(r['decode_tokens_per_s'], '.2f')} | {cell(r['peak_rss_gb'], '.2f')} | {r['disk_gb']:.2f} | "
+            + (f"{fid['top1_agreement']:.3f} | {fid['cosine_mean']:.4f} | " if fid else "reference | reference | "
+               if r["engine"] == "transformers" else "- | - | ")
+            + f"{min(loads):.2f}-{max(loads):.2f} |\n")
+    return head + "".join(lines)
+
+
+def write(out: Path, meta: dict, rows: list[dict], started: float, complete: bool) -> None:
+    """Save the rows measured so far (JSON and a markdown table), saying whether the run is complete."""
+    meta.update({"complete": complete, "load_average_at_end": load_average(),
+                 "wall_s": round(time.perf_counter() - started, 1)})
+    save(out, {"meta": meta, "rows": rows})
+    replace_atomically(out.with_suffix(".md"), markdown(meta, rows).encode())
 
 
 def main() -> None:
@@ -190,6 +212,7 @@ def main() -> None:
     parser.add_argument("--max-crops", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="Measured runs (processes) per engine and max_crops.")
     parser.add_argument("--fidelity", type=int, default=0, metavar="POSITIONS",
                         help="Also compare each plan's logits with transformers' over this many positions.")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -199,50 +222,57 @@ def main() -> None:
 
     if args.worker:
         kind, *rest = args.worker
-        workers = {"transformers": worker_transformers, "molmocap": worker_molmocap, "export": worker_export,
-                   "fidelity": worker_fidelity}
+        workers = {"transformers": worker_transformers, "molmocap": worker_molmocap, "fidelity": worker_fidelity}
         typed = [int(v) if v.isdigit() else v for v in rest]
         print(json.dumps(workers[kind](*typed)), flush=True)
         return
+    if args.runs < 3:
+        parser.error("--runs must be at least 3: a speed figure is a median of at least 3 runs")
 
-    rows, exports, fidelity = [], {}, {}
-    for quant in args.quants:
-        target = args.exports / quant
-        if not (target / "molmocap.json").is_file():
+    started = time.perf_counter()
+    out = args.out or results_path("cpu")
+    meta = {**conditions("torch", "transformers"), "threads": args.threads, "tokens": args.tokens,
+            "runs": args.runs, "checkpoint": str(args.checkpoint), "exports_folder": str(args.exports),
+            "image": "640x480", "prompt": PROMPT, "fidelity_positions": args.fidelity, "exports_made": {}}
+    missing = [q for q in args.quants if not (args.exports / q / "molmocap.json").is_file()]
+    if missing:
+        from bench_export import export_plan
+
+        for quant in missing:
             print(f"exporting {quant} ...", flush=True)
-            result, rss, wall = run_child(["--worker", "export", args.checkpoint, str(target), quant])
-            exports[quant] = {"export_s": round(wall, 1), "peak_rss_gb": round(rss, 2)}
-            print(f"  {quant}: {wall:.0f} s, peak RSS {rss:.2f} GB", flush=True)
+            meta["exports_made"][quant] = export_plan(args.checkpoint, args.exports / quant, quant, None)
+            print(f"  {quant}: {meta['exports_made'][quant]}", flush=True)
     engines = ([] if args.skip_transformers else [("transformers", "bf16", args.checkpoint)]) + [
         ("molmocap", quant, str(args.exports / quant)) for quant in args.quants]
+    rows = []
     for max_crops in args.max_crops:
-        for engine, quant, where in engines:
-            result, rss, _ = run_child(["--worker", engine, where, str(max_crops), str(args.tokens),
-                                        str(args.threads)])
-            row = {"engine": engine, "quant": quant, "max_crops": max_crops, **result,
-                   "prefill_tokens_per_s": result["prompt_tokens"] / result["prefill_s"],
-                   "peak_rss_gb": rss, "disk_gb": disk_gb(Path(where))}
-            rows.append(row)
-            print(f"{engine:12s} {quant:6s} crops={max_crops} ttft={row['ttft_s']:.2f}s vision={row['vision_s']:.2f}s "
-                  f"prefill={row['prefill_tokens_per_s']:.0f} tok/s decode={row['decode_tokens_per_s']:.2f} tok/s "
-                  f"rss={rss:.2f} GB disk={row['disk_gb']:.2f} GB", flush=True)
-    if args.fidelity:
-        for quant in args.quants:
-            result, _, _ = run_child(["--worker", "fidelity", args.checkpoint, str(args.exports / quant),
-                                      str(args.fidelity), str(args.threads)])
-            fidelity[quant] = result
-            print(f"fidelity {quant} vs transformers bf16: {result}", flush=True)
-
-    stamp = datetime.date.today().isoformat()
-    out = args.out or ROOT / "benchmarks" / "results" / f"cpu-{stamp}.json"
-    out.parent.mkdir(exist_ok=True)
-    meta = {"threads": args.threads, "tokens": args.tokens, "checkpoint": str(args.checkpoint), "image": "640x480",
-            "prompt": PROMPT, "machine": machine(), "exports": exports, "fidelity_vs_transformers_bf16": fidelity}
-    rounded = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
-    out.write_text(json.dumps({"meta": meta, "rows": rounded}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows))
-    print(markdown(rows))
-    print(f"saved {out}")
+        runs: dict[str, list[tuple[dict, float]]] = {quant: [] for _, quant, _ in engines}
+        for i in range(args.runs):
+            for engine, quant, where in engines:
+                result, rss = run_child(["--worker", engine, where, str(max_crops), str(args.tokens),
+                                         str(args.threads)])
+                runs[quant].append((result, rss))
+                print(f"run {i + 1}/{args.runs} {engine:12s} {quant:6s} crops={max_crops} "
+                      f"ttft={result['ttft_s']:.2f}s vision={result['vision_s']:.2f}s "
+                      f"decode={result['decode_tokens_per_s']:.2f} tok/s rss={rss:.2f} GB "
+                      f"load {result['load_average_before'][0]:.2f}->{result['load_average_after'][0]:.2f}",
+                      flush=True)
+        new = [summarize(engine, quant, max_crops, where, runs[quant]) for engine, quant, where in engines]
+        rows.extend(new)
+        write(out, meta, rows, started, complete=False)
+        if args.fidelity:
+            for row, (engine, quant, where) in zip(new, engines):
+                if engine != "molmocap":
+                    continue
+                load_before = load_average()
+                result, _ = run_child(["--worker", "fidelity", args.checkpoint, where, str(max_crops),
+                                       str(args.fidelity), str(args.threads)])
+                row["fidelity_vs_transformers_bf16"] = {**result, "load_average_before": load_before,
+                                                        "load_average_after": load_average()}
+                print(f"fidelity {quant} crops={max_crops} vs transformers bf16: {result}", flush=True)
+            write(out, meta, rows, started, complete=False)
+    write(out, meta, rows, started, complete=True)
+    print(markdown(meta, rows))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 For every exported model directory: caption one drawn image on CPU and on CUDA (greedy tokens compared), then
 compare teacher-forced next-token logits over `--positions` positions (top-1 agreement, cosine), CPU as the
-reference. Needs onnxruntime-gpu. Prints one JSON line per model and saves them with `--out`.
+reference. Needs onnxruntime-gpu. Prints one JSON line per model and saves them with `--out`, beside the conditions
+(command, machine, GPU, versions).
 
     python benchmarks/check_cuda.py MODEL_DIR... [--tokens 24] [--positions 64] [--out results.json]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conditions import conditions, save  # noqa: E402
 
 from molmocap.export.fidelity import compare, teacher_forced_logits  # noqa: E402
 from molmocap.runtime import Captioner  # noqa: E402
@@ -66,7 +70,9 @@ def main() -> None:
         rows.append(check(model, args.tokens, args.positions))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+        save(args.out, {"meta": {**conditions("onnxruntime-gpu"), "gpu": gpu}, "rows": rows})
 
 
 if __name__ == "__main__":

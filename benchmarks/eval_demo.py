@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conditions import conditions  # noqa: E402
+
 from models.demo.scenes import HELD_OUT_SEED, make_scene  # noqa: E402
 from models.demo.scoring import QA_KINDS, Item, eval_items, score_points  # noqa: E402
 
@@ -163,7 +165,8 @@ def main() -> None:
         parser.error(f"seeds below {HELD_OUT_SEED} are training scenes")
 
     progress = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    report = evaluate(args.seed, args.n, args.quant, progress)
+    started = conditions("torch", "transformers")
+    report = {**evaluate(args.seed, args.n, args.quant, progress), "conditions": started}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"eval_demo-{report['meta']['date']}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")

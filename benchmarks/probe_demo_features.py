@@ -21,6 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conditions import conditions  # noqa: E402
+
 from models.demo.grounding import token_classes  # noqa: E402
 from models.demo.scenes import COLORS, HELD_OUT_SEED, SHAPES, make_scene  # noqa: E402
 
@@ -70,6 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
+    started = conditions("torch", "transformers")
     torch.manual_seed(0)
     model = Molmo2ForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
     processor = Molmo2Processor.from_pretrained(CHECKPOINT)
@@ -82,6 +85,7 @@ def main() -> None:
         report[name] = {"train": round(train_acc, 4), "held_out": round(test_acc, 4)}
         print(f"{name}: linear probe accuracy {train_acc:.3f} on training tokens, {test_acc:.3f} held out")
     report["date"] = datetime.date.today().isoformat()
+    report["conditions"] = started
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"probe_demo_features-{report['date']}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
