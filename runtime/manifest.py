@@ -23,7 +23,7 @@ from .cache import cache_dir
 from .errors import ModelError
 
 MANIFEST_NAME = "molmocap.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder reads and writes a preallocated KV cache (GroupQueryAttention)
 COMPONENTS = ("vision", "adapter", "embed", "decoder")
 STAMP_DIR = "verified"
 
