@@ -9,10 +9,12 @@ from pathlib import Path
 
 import click
 
+from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
+from molmocap.runtime.preprocess import MAX_CROPS
 from molmocap.runtime.styles import STYLES
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "demo" / "onnx"
+DEFAULT_MODEL = DEMO_MODEL_DIR
 
 
 def resolve_model(model: str | None) -> Path:
@@ -28,6 +30,12 @@ def resolve_model(model: str | None) -> Path:
     )
 
 
+def demo_notice(demo: bool) -> None:
+    """After the demo model answered: say on stderr what it is and how to get a real model, unless --quiet."""
+    if demo and not click.get_current_context().find_root().params["quiet"]:
+        click.echo(DEMO_NOTICE, err=True)
+
+
 def model_options(f):
     """Options shared by every command that runs the model."""
     for option in reversed([
@@ -35,8 +43,9 @@ def model_options(f):
                      "(default: $MOLMOCAP_MODEL, else the embedded demo model)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
                      help="Stop after this many generated tokens."),
-        click.option("--max-crops", type=click.IntRange(min=1), default=None,
-                     help="High-resolution crops per image (default: the model's, 8 for Molmo2)."),
+        click.option("--max-crops", type=click.IntRange(1, MAX_CROPS), default=None,
+                     help=f"High-resolution crops per image, at most {MAX_CROPS} "
+                          "(default: the model's, 8 for Molmo2)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads for ONNX Runtime (default: all cores)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
@@ -54,65 +63,119 @@ def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | 
                max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
                style: str | None = None, lang: str | None = None, no_cache: bool = False, write_xmp: bool = False,
                force: bool = False) -> None:
-    """Answer every prompt about each image in turn; every image is checked before the model runs.
+    """Answer every prompt about each image in turn, streaming: each image is read, checked and decoded just before
+    its turn, so memory does not grow with the number of images and the first answer comes at once.
 
-    Several prompts about one image share its vision encoding and the KV cache of the image prefix. Results
-    come from the result cache when it has them (the model is then not even loaded).
+    With several images a bad one (unreadable, corrupt, its prompt too long, a sidecar it must not replace) is
+    reported as one `error:` line and the others go on; the command then ends with exit status 2, as `-o` does.
+    With one image its error is the command's. Several prompts about one image share its vision encoding and the
+    KV cache of the image prefix. Results come from the result cache when it has them (the model is then not even
+    loaded).
     """
     from molmocap.runtime.batch import Runner, file_sha256, rounded_timings
     from molmocap.runtime.cache import ResultCache
     from molmocap.runtime.image_io import load_image
-    from molmocap.runtime.styles import finish
-    from molmocap.runtime.xmp import check_sidecar, write_sidecar
+    from molmocap.runtime.styles import StyleOutputError, finish
+    from molmocap.runtime.xmp import check_sidecar, remove_leftovers, sidecar_path, write_sidecar
 
     if as_json and stream:
         raise click.UsageError("--json and --stream cannot be combined")
     if stream and style in ("alt", "seo", "tags"):
         raise click.UsageError(f"--stream prints raw text; --style {style} cleans the whole answer afterwards")
-    loaded = [load_image(image) for image in images]
-    digests = [file_sha256(image) for image in images]
-    if write_xmp:
-        for image in images:
-            check_sidecar(image, force)
     captioner = Runner(resolve_model(model), max_new_tokens, max_crops, style, threads=threads, device=device,
                        cache=None if no_cache else ResultCache())
     if style and prompts == [None]:
         prompts = [captioner.style_prompt(style, lang)]
-    captioner.load_unless_cached(digests, prompts)
+    demo = is_demo_model(captioner.manifest)
     several = len(images) * len(prompts) > 1
-    for path, image, digest in zip(images, loaded, digests):
-        for prompt in prompts:
-            label = f"{path}: " if len(prompts) == 1 else f"{path}: {prompt}: " if len(images) > 1 else f"{prompt}: "
-            if stream:
-                click.echo(label if several else "", nl=False)
-                result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1,
-                                            on_text=lambda piece: click.echo(piece, nl=False))
-                click.echo()
-                if write_xmp:
-                    write_sidecar(path, result.text, captioner.model_id, force)
-                continue
-            result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1)
-            value = finish(style, result.text) if style else result.text
+    failed = 0
+    if write_xmp:
+        remove_leftovers(sidecar_path(path) for path in images)  # of an earlier run killed mid-write
+    for path in images:
+        try:
+            image, digest = load_image(path), file_sha256(path)
             if write_xmp:
-                write_sidecar(path, value, captioner.model_id, force)
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-            if as_json:
-                row = {"image": path, "prompt": prompt, "text": text, "token_ids": result.token_ids,
-                       "prompt_tokens": result.prompt_tokens,
-                       "timings": rounded_timings(result.timings)}
-                if style:
-                    row.update(style=style, raw_text=result.text)
-                    if not isinstance(value, str):
-                        row["data"] = value
-                click.echo(json.dumps(row, ensure_ascii=False))
-            else:
-                click.echo(label + text if several else text)
+                check_sidecar(path, force)
+            for prompt in prompts:
+                label = (f"{path}: " if len(prompts) == 1 else f"{path}: {prompt}: " if len(images) > 1
+                         else f"{prompt}: ")
+                if stream:
+                    click.echo(label if several else "", nl=False)
+                    try:
+                        result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1,
+                                                    on_text=lambda piece: click.echo(piece, nl=False))
+                    finally:
+                        click.echo()
+                    if write_xmp:
+                        write_sidecar(path, result.text, captioner.model_id, force)
+                    continue
+                result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1)
+                value = finish(style, result.text) if style else result.text
+                if write_xmp:
+                    write_sidecar(path, value, captioner.model_id, force)
+                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                if as_json:
+                    row = {"image": path, "prompt": prompt, "text": text, "token_ids": result.token_ids,
+                           "prompt_tokens": result.prompt_tokens,
+                           "timings": rounded_timings(result.timings), "demo_model": demo}
+                    if style:
+                        row.update(style=style, raw_text=result.text)
+                        if not isinstance(value, str):
+                            row["data"] = value
+                    click.echo(json.dumps(row, ensure_ascii=False))
+                else:
+                    click.echo(label + text if several else text)
+        except (InputError, StyleOutputError) as exc:
+            if len(images) == 1:
+                raise
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+    demo_notice(demo)
+    if failed:
+        raise InputError(f"{failed} of {len(images)} images failed (each error is above)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class MolmocapGroup(click.Group):
+    """The command group; run standalone, it renders every error once, as one line on stderr, and exits with its
+    status: 2 for usage and input errors, so scripts and users never see a traceback or click's usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            message = exc.format_message().rstrip(".")
+            click.echo(f"error: {message[:1].lower()}{message[1:]}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except MolmocapError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=MolmocapGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="molmocap")
-def main() -> None:
-    """Offline image captioning and visual question answering with Molmo2 on ONNX Runtime."""
+@click.option("--quiet", is_flag=True, help="Do not print the embedded demo model's notice on stderr.")
+def main(quiet: bool) -> None:
+    """Offline image captioning and visual question answering with Molmo2 on ONNX Runtime.
+
+    Without --model or $MOLMOCAP_MODEL the embedded demo model answers: a tiny model trained on synthetic colored
+    shapes. It says so in one line on stderr (unless --quiet) and in --json output (demo_model: true).
+    """
 
 
 @main.command()
@@ -204,6 +267,7 @@ def caption_to_file(images: list[str], out: Path, fmt: str | None, prompt: str |
         summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, on_error=report)
     click.echo(f"{summary.total} images: {summary.computed} captioned, {summary.cached} from the cache, "
                f"{summary.skipped} already in {out}, {summary.failed} failed", err=True)
+    demo_notice(is_demo_model(runner.manifest))
     if summary.failed:
         raise InputError(f"{summary.failed} of {summary.total} images failed; their rows in {out} hold the errors")
 
@@ -237,7 +301,8 @@ def ask(image: str, question: str | None, questions: tuple[str, ...], **options)
               "(default: $MOLMOCAP_MODEL, else the embedded demo model).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Stop after this many generated tokens.")
-@click.option("--max-crops", type=click.IntRange(min=1), default=None, help="High-resolution crops.")
+@click.option("--max-crops", type=click.IntRange(1, MAX_CROPS), default=None,
+              help=f"High-resolution crops, at most {MAX_CROPS}.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where to run: auto uses CUDA when onnxruntime-gpu is installed.")
@@ -250,11 +315,14 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
     """
     from molmocap.runtime import Captioner
     from molmocap.runtime.image_io import load_image
-    from molmocap.runtime.pointing import draw_points, parse_points, point_prompt
+    from molmocap.runtime.pointing import check_draw_target, draw_points, parse_points, point_prompt
 
     prompt = point_prompt(label)
     picture = load_image(image)
+    if draw is not None:
+        check_draw_target(draw)
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
+    demo = is_demo_model(captioner.manifest)
     result = captioner.generate(picture, prompt, max_new_tokens, max_crops)
     points = parse_points(result.text, *picture.size)
     if draw is not None:
@@ -262,10 +330,11 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
     if as_json:
         click.echo(json.dumps({"image": image, "label": label, "count": len(points),
                                "points": [p.to_dict() for p in points], "text": result.text,
-                               "size": list(picture.size)}, ensure_ascii=False))
+                               "size": list(picture.size), "demo_model": demo}, ensure_ascii=False))
     else:
         where = " ".join(f"({p.x:.0f}, {p.y:.0f})" for p in points)
         click.echo(f"{len(points)} {label}" + (f": {where}" if points else ""))
+    demo_notice(demo)
 
 
 @main.command()
@@ -301,6 +370,7 @@ def serve(host: str, port: int, api_key: str | None, model: str | None, threads:
 
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
     app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024)
+    demo_notice(is_demo_model(captioner.manifest))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "
                    "the model", err=True)
@@ -320,7 +390,7 @@ def info(model: str | None, verify: bool, as_json: bool) -> None:
         model_dir = resolve_model(model)
     except ModelError:
         model_dir = None  # no model anywhere: the environment part is still worth printing
-    report = gather(model_dir, DEFAULT_MODEL, verify)
+    report = gather(model_dir, verify)
     click.echo(json.dumps(report, ensure_ascii=False) if as_json else render_text(report))
     if report["model"] is not None and report["model"]["error"]:
         raise ModelError(report["model"]["error"])
@@ -356,23 +426,8 @@ def cache_clear(model: str | None) -> None:
 
 
 def entry() -> None:
-    """Run the command, rendering molmocap's errors as one line with their exit status."""
-    try:
-        main(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except MolmocapError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    """The console script (pyproject) and `python -m molmocap`: errors render as in `MolmocapGroup.main`."""
+    main()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 A results file (JSON lines or CSV) survives a kill at any moment: each row is one `write` of a whole line followed
 by `fsync`, so at most the row in flight is lost, as a partial last line that the next run cuts off before it
-appends. A rerun with the same file skips every image it already holds a result for, keyed by the image's
-content (sha256), the model id, the prompt and the generation options; the images it holds error rows for are
-tried again (their error rows are dropped first).
+appends; a row that cannot be written whole (a full disk) is cut off at once and stops the batch. A rerun with the
+same file skips every image it already holds a result for, keyed by the image's content (sha256), the model id,
+the prompt and the generation options; the images it holds error rows for are tried again (their error rows are
+dropped first).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .errors import InputError
 from .manifest import load_manifest
 from .preprocess import PreprocessConfig
 from .styles import StyleOutputError, finish, style_prompt
-from .xmp import replace_atomically, write_sidecar
+from .xmp import remove_leftovers, replace_atomically, sidecar_path, write_sidecar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 FORMATS = ("jsonl", "csv")
@@ -139,12 +140,6 @@ class Runner:
             self._captioner = Captioner(self.manifest, threads=self._threads, device=self._device)
         return self._captioner
 
-    def load_unless_cached(self, image_sha256s: Iterable[str], prompts: Sequence[str | None]) -> None:
-        """Open the model now unless the cache holds every result, so that a model failing to open fails first."""
-        if self.cache is None or any(self.cache.get(self.key(sha, prompt)) is None
-                                     for sha in image_sha256s for prompt in prompts):
-            self.load()
-
     def generate(self, image: ImageSource, image_sha256: str, prompt: str | None,
                  on_text: Callable[[str], None] | None = None, reuse_image: bool = False) -> Result:
         """The result for `image` (whose file hashes to `image_sha256`) and `prompt`, from the cache or the model.
@@ -198,10 +193,12 @@ class ResultsFile:
     def open(self, retry: Iterable[str] = ()) -> set[str]:
         """Ready the file for appending; returns the keys of the images it holds results for.
 
-        A partial last row (a kill during its write) is cut off, and the error rows of the images in `retry` are
-        dropped (the file is rewritten atomically) so that those images can be tried again.
+        A partial last row (a kill during its write) is cut off, the temporary file of a rewrite that was killed is
+        removed, and the error rows of the images in `retry` are dropped (the file is rewritten atomically) so that
+        those images can be tried again.
         """
         retry = {os.path.normpath(path) for path in retry}
+        remove_leftovers([self.path])
         try:
             data = self.path.read_bytes() if self.path.exists() else b""
             end = _complete_end(data, self.format)
@@ -243,10 +240,20 @@ class ResultsFile:
         self.close()
 
     def _write(self, data: bytes) -> None:
+        """Append `data` whole or not at all: a failed write (a full disk) is cut off again, so that the file never
+        holds a torn row, even while the process that failed is still running."""
+        size = os.fstat(self._fd).st_size
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                pass  # the next open cuts the partial row instead
+            raise
 
     def _encode(self, record: dict) -> bytes:
         if self.format == "jsonl":
@@ -347,9 +354,12 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
 
     A failure of one image (an `InputError`: unreadable, corrupt, prompt too long, a sidecar it must not replace;
     or a `StyleOutputError`) becomes an error row and a call of `on_error(message)`, and the batch goes on; any
-    other error stops it. `on_progress` is called with each path once it is done.
+    other error stops it. `on_progress` is called with each path once it is done. With `write_xmp`, the temporary
+    sidecars of an earlier run that was killed mid-write are deleted first.
     """
     summary = Summary(total=len(paths))
+    if write_xmp:
+        remove_leftovers(sidecar_path(path) for path in paths)
     with ResultsFile(out, fmt) as results:
         done = results.open(retry=paths)
         for path in paths:

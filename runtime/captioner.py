@@ -16,9 +16,9 @@ from .decoder import Decoder, KVCache, prefill_bias
 from .errors import InputError, ModelError
 from .image_io import load_image
 from .manifest import Manifest, load_manifest
-from .preprocess import ImageInputs, PreprocessConfig, preprocess
+from .preprocess import ImageInputs, PreprocessConfig, preprocess, token_grid
 from .prompt import encode, prompt_text
-from .sessions import open_session
+from .sessions import open_components
 from .streaming import TextStream
 from .styles import style_prompt
 from .vision import encode_image
@@ -72,8 +72,7 @@ class Captioner:
             self.tokenizer = Tokenizer.from_file(str(manifest.root / "tokenizer.json"))
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot read {manifest.root / 'tokenizer.json'}: {exc}") from None
-        sessions = {name: open_session(manifest.root / file, threads, device)
-                    for name, file in manifest.data["components"].items()}
+        sessions = open_components(manifest, self.preprocess_config, threads, device)
         self.vision, self.adapter, self.embed_session = sessions["vision"], sessions["adapter"], sessions["embed"]
         self.decoder = Decoder(sessions["decoder"], manifest.geometry["text"], sessions.get("decoder_step"))
         tokens = manifest.tokens
@@ -85,7 +84,7 @@ class Captioner:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, threads: int | None = None, device: str = "cpu") -> "Captioner":
-        """Open an exported model directory (see `molmocap export`)."""
+        """Open an exported model directory (see `molmocap export`), once its files match the manifest's sha256s."""
         return cls(load_manifest(Path(model_dir)), threads=threads, device=device)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -102,11 +101,31 @@ class Captioner:
         The first `generate` on the result also keeps the KV cache of the prompt up to the end of the image block,
         which does not depend on the question, so later questions only prefill their own tokens.
         """
+        return self._encode(image, max_crops, "")[0]
+
+    def _encode(self, image: ImageSource, max_crops: int | None, prompt: str) -> tuple[EncodedImage, np.ndarray]:
+        """Load `image`, refuse `prompt` with it if too long for the model, then preprocess and run vision.
+
+        The token grid, hence the prompt's length, follows from the image size and the tiling, so the check costs
+        nothing and comes before the patches are cut and before the vision encoder, the expensive part.
+        """
         t0 = time.perf_counter()
-        inputs = preprocess(load_image(image), self.preprocess_config, max_crops)
+        picture = load_image(image)
+        ids = self._prompt_ids(prompt, token_grid(picture.height, picture.width, self.preprocess_config, max_crops))
+        inputs = preprocess(picture, self.preprocess_config, max_crops)
         t1 = time.perf_counter()
         embeddings = encode_image(self.vision, self.adapter, inputs)
-        return EncodedImage(inputs, embeddings, {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1})
+        timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
+        return EncodedImage(inputs, embeddings, timings), ids
+
+    def _prompt_ids(self, prompt: str, grid: tuple[int, int, int, int]) -> np.ndarray:
+        """The prompt's token ids with an image of token grid `grid`; an `InputError` if they fill the positions."""
+        text = prompt_text(prompt, grid, self.manifest.prompt, self.manifest.tokens["bos"], self.reserved)
+        ids = encode(self.tokenizer, text)
+        if len(ids) >= self.max_positions:
+            raise InputError(f"the prompt with this image takes {len(ids)} tokens; this model has "
+                             f"{self.max_positions} positions (use a smaller max_crops or a shorter prompt)")
+        return ids
 
     def prefill(self, image: ImageSource | EncodedImage, prompt: str | None = None, max_new_tokens: int = 128,
                 max_crops: int | None = None) -> DecodeState:
@@ -170,21 +189,14 @@ class Captioner:
 
     def _prepare(self, image: ImageSource | EncodedImage, prompt: str | None,
                  max_crops: int | None) -> tuple[EncodedImage, dict[str, float], np.ndarray]:
-        """The encoded image, the time its encoding took and the prompt's token ids."""
+        """The encoded image, the time its encoding took and the prompt's token ids (checked before vision runs)."""
+        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
         if isinstance(image, EncodedImage):
             if max_crops is not None:
                 raise InputError("max_crops is chosen when the image is encoded, not per question")
-            encoded, timings = image, {"preprocess_s": 0.0, "vision_s": 0.0}
-        else:
-            encoded = self.encode_image(image, max_crops)
-            timings = dict(encoded.timings)
-        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
-        text = prompt_text(prompt, encoded.inputs.grid, self.manifest.prompt, self.manifest.tokens["bos"],
-                           self.reserved)
-        ids = encode(self.tokenizer, text)
-        if len(ids) >= self.max_positions:
-            raise InputError(f"the prompt takes {len(ids)} tokens; this model has {self.max_positions} positions")
-        return encoded, timings, ids
+            return image, {"preprocess_s": 0.0, "vision_s": 0.0}, self._prompt_ids(prompt, image.inputs.grid)
+        encoded, ids = self._encode(image, max_crops, prompt)
+        return encoded, dict(encoded.timings), ids
 
     def _prefill_ids(self, encoded: EncodedImage, ids: np.ndarray, max_new_tokens: int, reuse: bool) -> DecodeState:
         """Prefill `ids` into a cache with room for `max_new_tokens` more (within the model's positions)."""

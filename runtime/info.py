@@ -14,6 +14,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .cache import ResultCache, cache_dir
+from .demo import is_demo_model
 from .errors import CacheError, ModelError
 from .manifest import read_manifest
 
@@ -28,10 +29,10 @@ FEATURE_FLAGS = {
 }
 
 
-def gather(model_dir: Path | None, demo_dir: Path | None = None, verify: bool = False) -> dict:
+def gather(model_dir: Path | None, verify: bool = False) -> dict:
     """The whole report; `model` is None when there is no model to describe (the environment still helps)."""
     return {
-        "model": model_info(model_dir, demo_dir, verify) if model_dir is not None else None,
+        "model": model_info(model_dir, verify) if model_dir is not None else None,
         "onnxruntime": {"version": ort.__version__, "providers": ort.get_available_providers()},
         "cpu": cpu_info(_read_cpuinfo()),
         "cache": cache_info(),
@@ -41,7 +42,7 @@ def gather(model_dir: Path | None, demo_dir: Path | None = None, verify: bool = 
     }
 
 
-def model_info(model_dir: Path, demo_dir: Path | None = None, verify: bool = False) -> dict:
+def model_info(model_dir: Path, verify: bool = False) -> dict:
     """The model's identity, plan and files with their verification state (from the stamp, or hashed with `verify`).
 
     A directory that is not a readable molmocap model is a `ModelError`; a failed `verify` is not: it is reported
@@ -63,7 +64,7 @@ def model_info(model_dir: Path, demo_dir: Path | None = None, verify: bool = Fal
         "source": manifest.data.get("source"),
         "quant": manifest.data.get("quant"),
         "plan": plan_kinds(manifest.data.get("plan") or {}),
-        "demo": demo_dir is not None and manifest.root.resolve() == Path(demo_dir).resolve(),
+        "demo_model": is_demo_model(manifest),
         "model_id": manifest.model_id,
         "files": files,
         "total_bytes": sum(entry["bytes"] for entry in files),
@@ -164,7 +165,7 @@ def render_text(report: dict) -> str:
     if model is None:
         lines.append("model: none (no MODEL, no $MOLMOCAP_MODEL and no embedded demo model)")
     else:
-        lines += [f"model: {model['dir']}" + (" (the embedded demo model)" if model["demo"] else ""),
+        lines += [f"model: {model['dir']}" + (" (the embedded demo model)" if model["demo_model"] else ""),
                   f"source: {model['source']}",
                   f"quant: {model['quant']} ({', '.join(f'{part} {kind}' for part, kind in model['plan'].items())})",
                   f"model id: {model['model_id'][:16]}", "files:"]

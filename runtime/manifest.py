@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .cache import cache_dir
 from .errors import ModelError
+from .manifest_schema import manifest_problem, unlisted_weights
 
 MANIFEST_NAME = "molmocap.json"
 FORMAT_VERSION = 2  # 2: the decoder reads and writes a preallocated KV cache (GroupQueryAttention)
@@ -175,7 +176,8 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
 
 
 def read_manifest(model_dir: str | os.PathLike) -> Manifest:
-    """Read and validate `molmocap.json`, checking that every listed file is present with its recorded size.
+    """Read and validate `molmocap.json` (`manifest_problem`: every field the runtime reads, with its type), checking
+    that every listed file is present with its recorded size.
 
     No file is hashed: for `molmocap info` and `cache clear`, which must also work on a damaged model.
     """
@@ -198,12 +200,14 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
             f"{path} has manifest format version {version}; this molmocap reads version {FORMAT_VERSION}: "
             "re-export the model with this version"
         )
-    missing = [k for k in ("geometry", "tokens", "prompt", "preprocess", "stop_token_ids", "components", "files")
-               if k not in data]
-    if missing:
-        raise ModelError(f"{path} lacks {', '.join(missing)}")
+    problem = manifest_problem(data)
+    if problem:
+        raise ModelError(f"{path} is not a valid manifest: {problem}; re-export the model")
     for entry in data["files"]:
         file = root / entry["path"]
         if not file.is_file() or file.stat().st_size != entry["bytes"]:
             raise ModelError(f"model file {file} is missing or truncated; re-export the model")
+    unlisted = unlisted_weights(data, {child.name for child in root.iterdir()})
+    if unlisted:
+        raise ModelError(f"{path} does not list {', '.join(unlisted)} (so no checksum covers it); re-export the model")
     return Manifest(root, data, hashlib.sha256(raw).hexdigest())

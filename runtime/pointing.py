@@ -8,15 +8,16 @@ on a 0-1000 scale of the image's width and height. Molmo 1's `<point x=".." y=".
 
 from __future__ import annotations
 
+import io
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from .errors import InputError
+from .xmp import replace_atomically
 
 _POINTS = re.compile(r"<points?\s+coords=\"([^\"]*)\"[^>]*>(.*?)</points?>", re.DOTALL)
 _V1_TAG = re.compile(r"<points?\s+([^>]*)>(.*?)</points?>", re.DOTALL)
@@ -72,9 +73,25 @@ def parse_points(text: str, width: int, height: int) -> list[Point]:
     return points
 
 
+DRAW_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def check_draw_target(out: str | os.PathLike) -> Path:
+    """`out` as a path `draw_points` can write, else `InputError`: checked before the model runs, not after."""
+    out = Path(out)
+    if out.suffix.lower() not in DRAW_FORMATS:
+        raise InputError(f"cannot draw into {out}: use a .png, .jpg or .webp file name")
+    folder = out.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot draw into {out}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot draw into {out}: {folder} is not writable")
+    return out
+
+
 def draw_points(image: Image.Image, points: list[Point], out: str | os.PathLike) -> None:
     """Save `image` with a numbered marker on each point; written through a temporary file and a rename."""
-    out = Path(out)
+    out = check_draw_target(out)
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     radius = max(4, round(min(canvas.size) / 60))
@@ -82,16 +99,9 @@ def draw_points(image: Image.Image, points: list[Point], out: str | os.PathLike)
         box = (p.x - radius, p.y - radius, p.x + radius, p.y + radius)
         draw.ellipse(box, fill=(255, 0, 180), outline=(255, 255, 255), width=max(1, radius // 3))
         draw.text((p.x + radius + 2, p.y - radius), str(n), fill=(255, 0, 180))
-    suffix = out.suffix.lower()
-    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-    if suffix not in formats:
-        raise InputError(f"cannot draw into {out}: use a .png, .jpg or .webp file name")
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=suffix)
+    encoded = io.BytesIO()
+    canvas.save(encoded, format=DRAW_FORMATS[out.suffix.lower()])
     try:
-        with os.fdopen(fd, "wb") as f:
-            canvas.save(f, format=formats[suffix])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        replace_atomically(out, encoded.getvalue())
+    except OSError as exc:
+        raise InputError(f"cannot draw into {out}: {exc.strerror or exc}") from None

@@ -19,6 +19,13 @@ from .errors import InputError
 
 _TUPLE_FIELDS = ("overlap_margins", "pooling_size", "image_mean", "image_std")
 
+# Largest max_crops accepted anywhere (Python API, CLI, server). Molmo2 declares no maximum (its processor defaults
+# to 8), yet `select_tiling` scans max_crops² tilings and the vision encoder runs once per crop, so an unbounded
+# value lets one request stall the model. 64 is eight times Molmo2's default: an 8x8 tiling, about 6,700 image
+# tokens, still well inside Molmo2's 36,864 positions; a model with fewer positions refuses a prompt that does not
+# fit before its vision encoder runs (see `Captioner.generate`).
+MAX_CROPS = 64
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -85,6 +92,29 @@ def compute_crop_geometry(
     window_size = config.crop_size - margin_size
     tiling_h, tiling_w = select_tiling(height - margin_size, width - margin_size, window_size, max_crops)
     return tiling_h, tiling_w, tiling_h * window_size + margin_size, tiling_w * window_size + margin_size
+
+
+def resolve_max_crops(max_crops: int | None, config: PreprocessConfig) -> int:
+    """`max_crops`, or the config's when None, checked against 1..`MAX_CROPS` (an `InputError` outside)."""
+    max_crops = config.max_crops if max_crops is None else max_crops
+    if not 1 <= max_crops <= MAX_CROPS:
+        raise InputError(f"max_crops must be from 1 to {MAX_CROPS}, got {max_crops}")
+    return max_crops
+
+
+def token_grid(height: int, width: int, config: PreprocessConfig, max_crops: int | None = None,
+               ) -> tuple[int, int, int, int]:
+    """`ImageInputs.grid` for an image of `height` x `width` pixels, from the tiling alone: no pixel is touched.
+
+    The prompt's length follows from it, so a prompt too long for the model is refused before the image is cut
+    into patches and before the vision encoder runs.
+    """
+    tiling_h, tiling_w, _, _ = compute_crop_geometry(height, width, resolve_max_crops(max_crops, config), config)
+    side = config.crop_size // config.patch_size
+    margins = sum(config.overlap_margins)
+    rows, cols = tiling_h * (side - margins) + margins, tiling_w * (side - margins) + margins
+    pool_h, pool_w = config.pooling_size
+    return -(-side // pool_h), -(-side // pool_w), -(-rows // pool_h), -(-cols // pool_w)
 
 
 def _axis_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -168,9 +198,7 @@ def _crop_index_grid(tiling_h: int, tiling_w: int, config: PreprocessConfig) -> 
 
 def preprocess(image: Image.Image, config: PreprocessConfig, max_crops: int | None = None) -> ImageInputs:
     """Patches, pooling indices and token grid for one RGB image (see `runtime.image_io.load_image`)."""
-    max_crops = config.max_crops if max_crops is None else max_crops
-    if max_crops < 1:
-        raise InputError(f"max_crops must be at least 1, got {max_crops}")
+    max_crops = resolve_max_crops(max_crops, config)
     if image.mode != "RGB":
         raise InputError(f"preprocess expects an RGB image, got mode {image.mode}")
     if image.width == 0 or image.height == 0:
@@ -194,6 +222,5 @@ def preprocess(image: Image.Image, config: PreprocessConfig, max_crops: int | No
     crop_grid = _crop_index_grid(tiling_h, tiling_w, config)
     crop_idx = _pool_windows(crop_grid, pool_h, pool_w)
     crop_idx = np.where(crop_idx >= 0, crop_idx + side * side, -1)
-    rows, cols = crop_grid.shape
-    grid = (-(-side // pool_h), -(-side // pool_w), -(-rows // pool_h), -(-cols // pool_w))
+    grid = token_grid(image.height, image.width, config, max_crops)
     return ImageInputs(patches=patches, pooled_patches_idx=np.concatenate([global_idx, crop_idx]), grid=grid)

@@ -1,4 +1,11 @@
-"""ONNX Runtime sessions for the four components, on CPU or CUDA."""
+"""ONNX Runtime sessions for the four components, on CPU or CUDA, each checked to be the graph its role needs.
+
+The manifest's checksums say the files are the exported bytes, not that each file is the right graph: a model
+assembled by hand (vision.onnx holding the adapter, a decoder from a model of other sizes, checksums updated to
+match) would load and then fail inside ONNX Runtime with a traceback on the first image. So each session's input
+and output names, element types and fixed dimensions are compared with what the runtime will feed it and read from
+it, derived from the manifest's geometry and preprocessing, and a mismatch is one `ModelError` before any image.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,12 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import ModelError
+from .manifest import Manifest
+from .preprocess import PreprocessConfig
+
+FLOAT, INT64, INT32 = "tensor(float)", "tensor(int64)", "tensor(int32)"
+# name -> (element type, dimensions: an int where fixed, None where free; None for no rank check)
+Signature = dict[str, tuple[str, list[int | None] | None]]
 
 
 def providers(device: str) -> list[str]:
@@ -39,3 +52,69 @@ def open_session(path: Path, threads: int | None, device: str) -> ort.InferenceS
         raise ModelError("CUDA was asked for, but ONNX Runtime's CUDA provider did not start (check the CUDA and "
                          "cuDNN libraries onnxruntime-gpu needs)")
     return session
+
+
+def signatures(manifest: Manifest, config: PreprocessConfig) -> dict[str, tuple[Signature, Signature]]:
+    """(inputs, outputs) each component must have, from what `vision`, `decoder` and `Captioner` feed and read."""
+    text = manifest.geometry["text"]
+    hidden, kv = text["hidden_size"], [None, text["num_kv_heads"], None, text["head_dim"]]
+    patches = (config.crop_size // config.patch_size) ** 2
+    past = {f"past_key_values.{i}.{kind}": (FLOAT, kv) for i in range(text["num_layers"]) for kind in ("key", "value")}
+    decoder = ({"inputs_embeds": (FLOAT, [None, None, hidden]), "attention_bias": (FLOAT, [None, 1, None, None]),
+                "seqlens_k": (INT32, [None]), "total_sequence_length": (INT32, []), **past},
+               {"logits": (FLOAT, None), **{name.replace("past_key_values.", "present."): value
+                                           for name, value in past.items()}})
+    return {
+        "vision": ({"pixel_values": (FLOAT, [None, patches, config.patch_size ** 2 * 3])},
+                   {"image_features": (FLOAT, [None, patches, None])}),
+        "adapter": ({"image_features": (FLOAT, [None, None, None]),
+                     "pooled_patches_idx": (INT64, [None, config.pooling_size[0] * config.pooling_size[1]])},
+                    {"image_embeddings": (FLOAT, [None, hidden])}),
+        "embed": ({"input_ids": (INT64, [None, None])}, {"inputs_embeds": (FLOAT, [None, None, hidden])}),
+        "decoder": decoder,
+        "decoder_step": decoder,
+    }
+
+
+def signature_problem(session: ort.InferenceSession, inputs: Signature, outputs: Signature) -> str | None:
+    """How a session's inputs and outputs differ from `inputs` (exactly these) and `outputs` (at least these)."""
+    have_inputs = {arg.name: arg for arg in session.get_inputs()}
+    have_outputs = {arg.name: arg for arg in session.get_outputs()}
+    for what, names in (("lacks the inputs", set(inputs) - set(have_inputs)),
+                        ("lacks the outputs", set(outputs) - set(have_outputs)),
+                        ("has unexpected inputs", set(have_inputs) - set(inputs))):
+        if names:
+            return f"it {what} {', '.join(sorted(names)[:4])}"
+    for kind, have, wanted in (("input", have_inputs, inputs), ("output", have_outputs, outputs)):
+        for name, (element, dims) in wanted.items():
+            arg = have[name]
+            if arg.type != element:
+                return f"its {kind} {name} is {arg.type}, not {element}"
+            if dims is None:
+                continue
+            if len(arg.shape) != len(dims) or any(isinstance(got, int) and want is not None and got != want
+                                                  for got, want in zip(arg.shape, dims)):
+                shown = [d if isinstance(d, int) else "?" for d in arg.shape]
+                return f"its {kind} {name} has shape {shown}, not {[d if d is not None else '?' for d in dims]}"
+    return None
+
+
+def open_components(manifest: Manifest, config: PreprocessConfig, threads: int | None,
+                    device: str) -> dict[str, ort.InferenceSession]:
+    """A session per component of the manifest, each checked against `signatures`; a `ModelError` names the
+    first file that is not the graph its role needs. The vision encoder's features must also be what the adapter
+    takes."""
+    expected = signatures(manifest, config)
+    sessions = {}
+    for name, file in manifest.data["components"].items():
+        path = manifest.root / file
+        sessions[name] = open_session(path, threads, device)
+        problem = signature_problem(sessions[name], *expected[name])
+        if problem:
+            raise ModelError(f"{path} is not the {name} graph this model needs ({problem}); re-export the model")
+    produced = next(arg for arg in sessions["vision"].get_outputs() if arg.name == "image_features").shape[-1]
+    taken = next(arg for arg in sessions["adapter"].get_inputs() if arg.name == "image_features").shape[-1]
+    if isinstance(produced, int) and isinstance(taken, int) and produced != taken:
+        raise ModelError(f"{manifest.component('vision')} gives {produced} features per patch, but "
+                         f"{manifest.component('adapter')} takes {taken}; re-export the model")
+    return sessions

@@ -25,12 +25,21 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from molmocap.runtime import Captioner, InputError, MolmocapError, Result
+from molmocap.runtime.demo import DEMO_MODEL_NAME, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.image_io import load_image
 from molmocap.runtime.styles import STYLES, StyleOutputError, finish
 
 from . import openai_compat
 from .metrics import Metrics
-from .payloads import DEFAULT_MAX_REQUEST_BYTES, ApiError, decode_image, optional_int, optional_str, read_json
+from .payloads import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    ApiError,
+    decode_image,
+    optional_int,
+    optional_max_crops,
+    optional_str,
+    read_json,
+)
 from .worker import ModelWorker, ShuttingDown, finish_reason
 
 log = logging.getLogger("molmocap.serve")
@@ -71,7 +80,11 @@ class _Server:
         self.metrics = Metrics()
         self.max_request_bytes = max_request_bytes
         source = captioner.manifest.data.get("source")
-        self.model_name = Path(str(source)).name if source else captioner.manifest.root.name
+        self.demo_model = is_demo_model(captioner.manifest)
+        if self.demo_model:
+            self.model_name = DEMO_MODEL_NAME
+        else:
+            self.model_name = Path(str(source)).name if source else captioner.manifest.root.name
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -83,9 +96,13 @@ class _Server:
 
     async def health(self, request: Request) -> Response:
         manifest = self.captioner.manifest
-        return JSONResponse({"status": "ok", "model": str(manifest.root), "source": manifest.data.get("source"),
-                             "uptime_s": round(time.time() - self.metrics.started, 3),
-                             "pending_generations": self.worker.pending})
+        health = {"status": "ok", "model": str(manifest.root), "model_name": self.model_name,
+                  "source": manifest.data.get("source"), "demo_model": self.demo_model,
+                  "uptime_s": round(time.time() - self.metrics.started, 3),
+                  "pending_generations": self.worker.pending}
+        if self.demo_model:
+            health["notice"] = DEMO_NOTICE
+        return JSONResponse(health)
 
     async def metrics_route(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
@@ -95,9 +112,7 @@ class _Server:
         return JSONResponse(self.metrics.snapshot(self.worker.pending))
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                                         "created": int(self.metrics.started),
-                                                         "owned_by": "molmocap"}]})
+        return JSONResponse(openai_compat.model_list(self.model_name, int(self.metrics.started), self.demo_model))
 
     async def caption(self, request: Request) -> Response:
         body = await self._body(request, CAPTION_FIELDS)
@@ -130,7 +145,7 @@ class _Server:
     async def _answer(self, body: dict, prompt: str | None, style: str | None) -> Response:
         """Run the model for /v1/caption and /v1/ask and answer in the hosted Molmo API's shape."""
         max_new_tokens = optional_int(body, "max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
-        max_crops = optional_int(body, "max_crops")
+        max_crops = optional_max_crops(body)
         image = await self._image(decode_image(body.get("image")), "image")
         result = await self._generate(image, prompt, max_new_tokens, max_crops)
         answer: dict = {"text": result.text}

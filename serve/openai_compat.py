@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from molmocap.runtime import Result
 
-from .payloads import ApiError, decode_image, optional_int
+from .payloads import ApiError, decode_image, optional_int, optional_max_crops
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -72,7 +72,7 @@ def parse_chat_request(body: dict, default_model: str) -> ChatRequest:
         image=decode_image(images[0], param="image_url"),
         prompt=prompt,
         max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        max_crops=optional_int(body, "max_crops"),
+        max_crops=optional_max_crops(body),
         model=model or default_model,
         stream=bool(stream),
         include_usage=bool(stream) and options.get("include_usage") is True,
@@ -102,6 +102,12 @@ def _message_parts(content: object, where: str, images: list[str]) -> list[str]:
             raise ApiError(400, f"{where}[{j}]: unsupported content part {kind!r} (text and image_url are)",
                            param=f"{where}[{j}]")
     return texts
+
+
+def model_list(name: str, created: int, demo_model: bool) -> dict:
+    """The /v1/models answer: the one served model, flagged when it is the embedded demo model."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "molmocap",
+                                        "demo_model": demo_model}]}
 
 
 def usage(result: Result) -> dict:

@@ -12,6 +12,8 @@ import re
 
 from starlette.requests import Request
 
+from molmocap.runtime.preprocess import MAX_CROPS
+
 DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -57,6 +59,8 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         data = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # json's own depth limit (about 1,000 levels), which a 20 MiB body can pass
+        raise ApiError(400, "the request body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data
@@ -91,14 +95,21 @@ def decode_image(value: object, param: str = "image") -> bytes:
     return data
 
 
-def optional_int(data: dict, name: str, minimum: int = 1) -> int | None:
-    """An optional integer field (null or absent -> None); booleans and floats are refused."""
+def optional_int(data: dict, name: str, minimum: int = 1, maximum: int | None = None) -> int | None:
+    """An optional integer field (null or absent -> None) in minimum..maximum; booleans and floats are refused."""
     value = data.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ApiError(400, f"{name} must be an integer of at least {minimum}", param=name)
+    if maximum is not None and value > maximum:
+        raise ApiError(400, f"{name} must be at most {maximum}, got {value}", param=name)
     return value
+
+
+def optional_max_crops(data: dict) -> int | None:
+    """The optional `max_crops` field, bounded by `MAX_CROPS` as in the CLI and the Python API."""
+    return optional_int(data, "max_crops", maximum=MAX_CROPS)
 
 
 def optional_str(data: dict, name: str) -> str | None:

@@ -15,6 +15,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).parent), str(ROOT)]
 
+from model_tampering import flip_byte  # noqa: E402, F401 - the tests' way to damage a file in place
+
 import tiny_models  # noqa: E402
 
 HUB_LAYOUT = "hub_layout"
@@ -86,15 +88,6 @@ def model_copy(exported, tmp_path) -> Path:
     target = tmp_path / "model"
     shutil.copytree(exported["qwen3_gqa"], target)
     return target
-
-
-def flip_byte(path: Path) -> None:
-    """Damage a file without changing its size: invert its middle byte in place (which moves its mtime on)."""
-    with open(path, "r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 0xFF]))
 
 
 def molmocap(*args: str, cache_dir: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -43,10 +43,12 @@ def test_caption_json_one_object_per_image(exported, images):
 
 
 def test_ask_and_stream_print_the_same_text(exported, images):
+    """Both runs compute (--no-cache): a cached answer would make the streamed path print the plain one's text."""
     model = str(exported["olmo_mha_norm_after"])
-    plain = molmocap("ask", str(images["a"]), "What color is it?", "--model", model, "--max-new-tokens", "6")
+    plain = molmocap("ask", str(images["a"]), "What color is it?", "--model", model, "--max-new-tokens", "6",
+                     "--no-cache")
     streamed = molmocap("ask", str(images["a"]), "What color is it?", "--model", model, "--max-new-tokens", "6",
-                        "--stream")
+                        "--stream", "--no-cache")
     assert plain.returncode == 0 and streamed.returncode == 0
     assert plain.stdout == streamed.stdout and plain.stdout.strip()
 
@@ -65,10 +67,14 @@ def test_bad_images(exported, images, image, pattern):
     assert_one_line_error(proc, 2, pattern)
 
 
-def test_no_partial_output_when_a_later_image_is_bad(exported, images):
-    proc = molmocap("caption", str(images["a"]), str(images["corrupt"]), "--model", str(exported["qwen3_gqa"]),
-                    "--json")
-    assert_one_line_error(proc, 2, "corrupt")
+def test_a_bad_image_among_several_is_one_error_line_and_the_others_go_on(exported, images):
+    proc = molmocap("caption", str(images["a"]), str(images["corrupt"]), str(images["b"]), "--model",
+                    str(exported["qwen3_gqa"]), "--json", "--max-new-tokens", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert [json.loads(line)["image"] for line in proc.stdout.splitlines()] == [str(images["a"]), str(images["b"])]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 2 and "corrupt" in errors[0] and errors[1] == "error: 1 of 3 images failed (each error " \
+        "is above)", proc.stderr
 
 
 def test_model_errors(exported, images, tmp_path):
@@ -113,16 +119,51 @@ def test_help_lists_commands():
 
 
 def test_ask_several_questions_and_styles(exported, images):
+    """The shared-prefix path (several -q) and a lone question both compute (--no-cache) the same tokens."""
     model = str(exported["qwen3_gqa"])
     proc = molmocap("ask", str(images["a"]), "-q", "What color?", "-q", "How many?", "--model", model,
-                    "--max-new-tokens", "4", "--json")
+                    "--max-new-tokens", "4", "--json", "--no-cache")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [row["prompt"] for row in rows] == ["What color?", "How many?"]
-    single = molmocap("ask", str(images["a"]), "How many?", "--model", model, "--max-new-tokens", "4", "--json")
-    assert json.loads(single.stdout)["token_ids"] == rows[1]["token_ids"]
+    single = molmocap("ask", str(images["a"]), "How many?", "--model", model, "--max-new-tokens", "4", "--json",
+                      "--no-cache")
+    single_row = json.loads(single.stdout)
+    assert not any(row["timings"]["cached"] for row in [*rows, single_row])
+    assert single_row["token_ids"] == rows[1]["token_ids"]
     tags = molmocap("caption", str(images["a"]), "--style", "tags", "--model", model, "--max-new-tokens", "6",
                     "--json")
     row = json.loads(tags.stdout)
     assert row["style"] == "tags" and json.loads(row["text"]) == row["data"] and isinstance(row["data"], list)
     assert molmocap("ask", str(images["a"]), "--model", model).returncode == 2
+
+
+DEMO_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+
+
+def test_the_demo_model_says_what_it_is(exported, tmp_path):
+    """With neither --model nor $MOLMOCAP_MODEL the demo model answers and says so: one line on stderr (the
+    runtime's notice, so the CLI and the server use the same words), `demo_model` in --json; --quiet hides the line
+    and leaves stdout as it was. A real model, or bad input, gets no notice."""
+    from molmocap.runtime.demo import DEMO_NOTICE
+
+    default = {"MOLMOCAP_MODEL": ""}
+    plain = molmocap("caption", str(DEMO_IMAGE), "--no-cache", env=default)
+    assert plain.returncode == 0 and plain.stdout.strip(), plain.stderr
+    assert plain.stderr.splitlines() == [DEMO_NOTICE]
+    assert "allenai/Molmo2-4B" in DEMO_NOTICE and "--model DIR" in DEMO_NOTICE and "MOLMOCAP_MODEL" in DEMO_NOTICE
+    quiet = molmocap("--quiet", "caption", str(DEMO_IMAGE), "--no-cache", env=default)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == plain.stdout
+    row = json.loads(molmocap("caption", str(DEMO_IMAGE), "--json", "--no-cache", env=default).stdout)
+    assert row["demo_model"] is True
+    points = molmocap("point", str(DEMO_IMAGE), "circle", "--json", env=default)
+    assert json.loads(points.stdout)["demo_model"] is True and points.stderr.splitlines() == [DEMO_NOTICE]
+    copy = tmp_path / "demo-copy"  # the demo model is the demo model wherever it lies
+    shutil.copytree(DEMO_IMAGE.parents[1] / "models" / "demo" / "onnx", copy)
+    copied = molmocap("ask", str(DEMO_IMAGE), "What color is the background?", "--model", str(copy), "--no-cache")
+    assert copied.returncode == 0 and copied.stderr.splitlines() == [DEMO_NOTICE]
+
+    real = molmocap("caption", str(DEMO_IMAGE), "--model", str(exported["qwen3_gqa"]), "--max-new-tokens", "3",
+                    "--json", "--no-cache")
+    assert real.returncode == 0 and real.stderr == "" and json.loads(real.stdout)["demo_model"] is False
+    assert_one_line_error(molmocap("caption", "missing.png", env=default), 2, "not found")

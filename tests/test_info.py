@@ -46,7 +46,7 @@ def test_info_json_tracks_verification(model_copy, tmp_path):
     code, fresh = report()
     assert code == 0 and fresh["model"]["verification"] == "not yet"
     assert {"model", "onnxruntime", "cpu", "cache", "molmocap", "python", "platform"} <= set(fresh)
-    assert fresh["model"]["model_id"] == read_manifest(model_copy).model_id and fresh["model"]["demo"] is False
+    assert fresh["model"]["model_id"] == read_manifest(model_copy).model_id and fresh["model"]["demo_model"] is False
     assert fresh["cache"]["dir"] == str(cache) and fresh["cpu"]["default_threads"] >= 1
 
     code, verified = report("--verify")
@@ -67,7 +67,7 @@ def test_info_json_tracks_verification(model_copy, tmp_path):
 def test_info_on_the_demo_model_and_without_any_model():
     proc = molmocap("info", "--json", env={"MOLMOCAP_MODEL": ""})
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["model"]["demo"] is True
+    assert json.loads(proc.stdout)["model"]["demo_model"] is True
     report = gather(None)
     assert report["model"] is None and report["onnxruntime"]["version"] == ort.__version__
     assert render_text(report).startswith("model: none")

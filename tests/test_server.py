@@ -249,6 +249,25 @@ def test_health_and_metrics(client, model_dir):
     assert 'molmocap_request_latency_seconds{route="/v1/caption",quantile="0.99"}' in text
 
 
+def test_the_demo_model_is_named_as_such(client):
+    """/health and /v1/models flag the embedded demo model (runtime.demo decides, as for the CLI) and name it
+    `molmocap-demo`, which chat completions then report; a real model is not flagged."""
+    from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME, DEMO_NOTICE
+
+    health, models = client.get("/health").json(), client.get("/v1/models").json()
+    assert health["demo_model"] is False and "notice" not in health
+    assert models["data"][0]["demo_model"] is False and models["data"][0]["id"] != DEMO_MODEL_NAME
+    with TestClient(create_app(Captioner.load(DEMO_MODEL_DIR, threads=1))) as demo:
+        health, models = demo.get("/health").json(), demo.get("/v1/models").json()
+        assert health["demo_model"] is True and health["notice"] == DEMO_NOTICE
+        assert health["model_name"] == DEMO_MODEL_NAME
+        assert models["data"] == [{"id": DEMO_MODEL_NAME, "object": "model", "created": models["data"][0]["created"],
+                                   "owned_by": "molmocap", "demo_model": True}]
+        body = {"messages": [{"role": "user", "content": [IMAGE_PART]}], "max_tokens": 2}
+        completion = demo.post("/v1/chat/completions", json=body).json()
+        assert completion["model"] == DEMO_MODEL_NAME
+
+
 def test_concurrent_requests_queue_on_the_model_and_all_are_answered(client):
     body = chat_body("Describe it.", IMAGE_PART, max_tokens=5)
 
