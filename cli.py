@@ -342,7 +342,8 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
               help="Address to listen on; the default takes connections from this machine only.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
 @click.option("--api-key", envvar="MOLMOCAP_API_KEY", default=None, metavar="KEY",
-              help="Require `Authorization: Bearer KEY` on every route but /health (default: $MOLMOCAP_API_KEY).")
+              help="Require `Authorization: Bearer KEY` on every route but /health and the Ollama probes / and "
+              "/api/version (default: $MOLMOCAP_API_KEY).")
 @click.option("--model", "model", metavar="DIR", help="Exported model directory "
               "(default: $MOLMOCAP_MODEL, else the embedded demo model).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -351,9 +352,16 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
               help="Where to run: auto uses CUDA when onnxruntime-gpu is installed.")
 @click.option("--max-request-mb", type=click.IntRange(min=1), default=20, show_default=True,
               help="Largest request body accepted, in MiB (413 beyond it).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Generations that may wait for the model; past it a request gets 503 with Retry-After.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              metavar="S", help="Seconds a request may wait and generate before it is cancelled (504).")
 def serve(host: str, port: int, api_key: str | None, model: str | None, threads: int | None, device: str,
-          max_request_mb: int) -> None:
+          max_request_mb: int, max_queue: int, request_timeout: float) -> None:
     """Serve the model over HTTP: /v1/caption, /v1/ask, OpenAI-compatible /v1/chat/completions, /health, /metrics.
+
+    Ollama's API too (/api/generate, /api/chat, /api/tags, /api/show, /api/version), for tools such as PhotoPrism,
+    Home Assistant's LLM Vision and Open WebUI: point their Ollama URL at http://HOST:PORT.
 
     Requests queue on the one model. Images travel inline (base64 or data URIs); remote URLs are refused.
 
@@ -369,7 +377,8 @@ def serve(host: str, port: int, api_key: str | None, model: str | None, threads:
     from molmocap.runtime import Captioner
 
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
-    app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024)
+    app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024,
+                     max_queue=max_queue, request_timeout_s=request_timeout)
     demo_notice(is_demo_model(captioner.manifest))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "

@@ -3,13 +3,15 @@
 Hosted captioning APIs sell alt text, SEO metadata and tags as well as plain captions. Each style is an instruction
 phrased the way Molmo2's instruction tuning asks for captions and lists; a model directory may override any of them
 (manifest `prompt.styles`, e.g. a demo model trained on its own phrasings). The JSON styles never pass broken JSON
-on: the answer is repaired into the promised shape or a `StyleOutputError` is raised.
+on: the answer is repaired into the promised shape or a `StyleOutputError` is raised; so does an API request's
+JSON `format` (a JSON object, or a JSON schema's shape).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 from .errors import MolmocapError
 
@@ -86,13 +88,14 @@ def _json_candidates(text: str, opener: str, closer: str) -> list[str]:
     return candidates
 
 
-def _parse(text: str, opener: str, closer: str, kind: type):
+def _parse(text: str, opener: str, closer: str, accept: Callable[[object], bool]):
+    """The first repair candidate that parses and that `accept` takes, else None."""
     for candidate in _json_candidates(text, opener, closer):
         try:
             value = json.loads(candidate)
         except json.JSONDecodeError:
             continue
-        if isinstance(value, kind):
+        if accept(value):
             return value
     return None
 
@@ -117,7 +120,7 @@ def _clean_tags(items) -> list[str]:
 
 def tag_list(text: str) -> list[str]:
     """A JSON list of lowercase tags; a comma, newline or bullet separated answer is split into one."""
-    parsed = _parse(text, "[", "]", list)
+    parsed = _parse(text, "[", "]", lambda value: isinstance(value, list))
     items = parsed if parsed is not None else re.split(r"[,\n;]+", text.strip("[]{} \n"))
     tags = _clean_tags(items)
     if not tags:
@@ -127,7 +130,7 @@ def tag_list(text: str) -> list[str]:
 
 def seo_object(text: str) -> dict:
     """{"title", "caption", "keywords"}; missing fields are filled from the caption text."""
-    parsed = _parse(text, "{", "}", dict) or {}
+    parsed = _parse(text, "{", "}", lambda value: isinstance(value, dict)) or {}
     caption = str(parsed.get("caption") or parsed.get("description") or "").strip()
     if not caption and not parsed:
         caption = text.strip()
@@ -141,3 +144,83 @@ def seo_object(text: str) -> dict:
         keywords = keywords.split(",")
     keywords = _clean_tags(keywords) if isinstance(keywords, list) else []
     return {"title": title, "caption": caption, "keywords": keywords or _keywords_from_text(caption)}
+
+
+def json_format_prompt(prompt: str, schema: dict | None) -> str:
+    """`prompt` asking for JSON (of `schema`'s shape when given), for requests with a JSON `format`.
+
+    Decoding is greedy and unconstrained, so the model is told the shape it must produce; `json_answer` then holds
+    the answer to it.
+    """
+    if schema is None:
+        return f"{prompt} Answer with only a JSON object."
+    return f"{prompt} Answer with only JSON that matches this JSON schema: {json.dumps(schema, ensure_ascii=False)}"
+
+
+def json_answer(text: str, schema: dict | None = None) -> object:
+    """The answer as a JSON object, or as a value matching `schema`, repaired as the seo/tags answers are.
+
+    Raises `StyleOutputError` when no repair of the answer has that shape: a JSON format never passes on broken or
+    wrongly shaped JSON.
+    """
+    schema = {"type": "object"} if schema is None else schema
+    opener, closer = ("[", "]") if schema.get("type") == "array" else ("{", "}")
+    problems: list[str] = []
+
+    def accept(value: object) -> bool:
+        problem = "$ is null" if value is None else schema_mismatch(value, schema)
+        if problem:
+            problems.append(problem)
+        return problem is None
+
+    value = _parse(text.strip(), opener, closer, accept)
+    if value is None:
+        why = problems[0] if problems else "no JSON found"
+        raise StyleOutputError(f"the model's answer is not JSON of the requested format ({why}): {text[:80]!r}")
+    return value
+
+
+_JSON_TYPES: dict[str, Callable[[object], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def schema_mismatch(value: object, schema: dict, where: str = "$") -> str | None:
+    """Why `value` does not match a JSON schema, or None when it does.
+
+    Checks the keywords structured-output schemas use (type, enum, const, properties, required,
+    additionalProperties false, items); others are not checked.
+    """
+    types = schema.get("type")
+    if types is not None:
+        names = [types] if isinstance(types, str) else list(types)
+        if not any(_JSON_TYPES.get(name, lambda v: True)(value) for name in names):
+            return f"{where} is not of type {'/'.join(names)}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{where} is not one of {schema['enum']}"
+    if "const" in schema and value != schema["const"]:
+        return f"{where} is not {schema['const']!r}"
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        missing = [key for key in schema.get("required") or [] if key not in value]
+        if missing:
+            return f"{where} lacks {', '.join(missing)}"
+        if schema.get("additionalProperties") is False and set(value) - set(properties):
+            return f"{where} has unexpected keys {', '.join(sorted(set(value) - set(properties)))}"
+        for key, sub in properties.items():
+            if key in value and isinstance(sub, dict):
+                problem = schema_mismatch(value[key], sub, f"{where}.{key}")
+                if problem:
+                    return problem
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problem = schema_mismatch(item, schema["items"], f"{where}[{i}]")
+            if problem:
+                return problem
+    return None

@@ -1,4 +1,4 @@
-"""The HTTP API: Molmo-style caption and ask routes, OpenAI chat completions, health and metrics.
+"""The HTTP API: Molmo-style caption and ask routes, OpenAI chat completions, Ollama's API, health and metrics.
 
 One loaded model serves every request through a single worker thread (see `worker.py`). The app never opens a
 connection of its own: images arrive inline, and remote image URLs are refused.
@@ -14,9 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from PIL import Image
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -26,10 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from molmocap.runtime import Captioner, InputError, MolmocapError, Result
 from molmocap.runtime.demo import DEMO_MODEL_NAME, DEMO_NOTICE, is_demo_model
-from molmocap.runtime.image_io import load_image
 from molmocap.runtime.styles import STYLES, StyleOutputError, finish
 
-from . import openai_compat
+from . import ollama, openai_compat
 from .metrics import Metrics
 from .payloads import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -40,20 +37,35 @@ from .payloads import (
     optional_str,
     read_json,
 )
-from .worker import ModelWorker, ShuttingDown, finish_reason
+from .worker import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    ClientGone,
+    Gone,
+    ImageData,
+    ImageRejected,
+    ModelWorker,
+    QueueFull,
+    ShuttingDown,
+    Stalled,
+    TimedOut,
+    finish_reason,
+)
 
 log = logging.getLogger("molmocap.serve")
 
 DEFAULT_MAX_NEW_TOKENS = 128
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", *ollama.OPEN_PATHS})
 CAPTION_FIELDS = ("image", "prompt", "style", "lang", "max_new_tokens", "max_crops")
 ASK_FIELDS = ("image", "prompt", "max_new_tokens", "max_crops")
 
 
 def create_app(captioner: Captioner, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Starlette:
-    """The ASGI app serving `captioner`; with `api_key`, every route but /health wants `Authorization: Bearer`."""
-    server = _Server(captioner, max_request_bytes)
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int = DEFAULT_MAX_QUEUE,
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Starlette:
+    """The ASGI app serving `captioner`; with `api_key`, every route but `OPEN_PATHS` (/health, and / and
+    /api/version, which Ollama clients probe) wants `Authorization: Bearer`."""
+    server = _Server(captioner, max_request_bytes, max_queue, request_timeout_s)
     routes = [
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_route, methods=["GET"]),
@@ -61,6 +73,7 @@ def create_app(captioner: Captioner, api_key: str | None = None,
         Route("/v1/caption", server.caption, methods=["POST"]),
         Route("/v1/ask", server.ask, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        *ollama.OllamaRoutes(server, _runtime_error).routes(),
     ]
     middleware = [Middleware(_Observe, metrics=server.metrics, routes=frozenset(r.path for r in routes))]
     if api_key:
@@ -74,9 +87,10 @@ def create_app(captioner: Captioner, api_key: str | None = None,
 class _Server:
     """The routes, around one model worker and the metrics."""
 
-    def __init__(self, captioner: Captioner, max_request_bytes: int) -> None:
+    def __init__(self, captioner: Captioner, max_request_bytes: int, max_queue: int,
+                 request_timeout_s: float) -> None:
         self.captioner = captioner
-        self.worker = ModelWorker(captioner)
+        self.worker = ModelWorker(captioner, max_queue, request_timeout_s)
         self.metrics = Metrics()
         self.max_request_bytes = max_request_bytes
         source = captioner.manifest.data.get("source")
@@ -99,7 +113,8 @@ class _Server:
         health = {"status": "ok", "model": str(manifest.root), "model_name": self.model_name,
                   "source": manifest.data.get("source"), "demo_model": self.demo_model,
                   "uptime_s": round(time.time() - self.metrics.started, 3),
-                  "pending_generations": self.worker.pending}
+                  "pending_generations": self.worker.pending, "waiting_generations": self.worker.waiting,
+                  "max_queue": self.worker.max_queue}
         if self.demo_model:
             health["notice"] = DEMO_NOTICE
         return JSONResponse(health)
@@ -107,9 +122,9 @@ class _Server:
     async def metrics_route(self, request: Request) -> Response:
         accept = request.headers.get("accept", "")
         if "text/plain" in accept or "openmetrics" in accept:
-            return PlainTextResponse(self.metrics.prometheus(self.worker.pending),
+            return PlainTextResponse(self.metrics.prometheus(self.worker.pending, self.worker.outcomes()),
                                      media_type="text/plain; version=0.0.4; charset=utf-8")
-        return JSONResponse(self.metrics.snapshot(self.worker.pending))
+        return JSONResponse(self.metrics.snapshot(self.worker.pending, self.worker.outcomes()))
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(openai_compat.model_list(self.model_name, int(self.metrics.started), self.demo_model))
@@ -125,14 +140,14 @@ class _Server:
             style = "short"
         if style:
             prompt = self.captioner.style_prompt(style, lang)
-        return await self._answer(body, prompt, style)
+        return await self._answer(request, body, prompt, style)
 
     async def ask(self, request: Request) -> Response:
         body = await self._body(request, ASK_FIELDS)
         prompt = optional_str(body, "prompt")
         if prompt is None:
             raise ApiError(400, "/v1/ask needs a prompt: the question about the image", param="prompt")
-        return await self._answer(body, prompt, None)
+        return await self._answer(request, body, prompt, None)
 
     async def _body(self, request: Request, fields: tuple[str, ...]) -> dict:
         body = await read_json(request, self.max_request_bytes)
@@ -142,12 +157,12 @@ class _Server:
                                 f"{', '.join(fields)}", param=unknown[0])
         return body
 
-    async def _answer(self, body: dict, prompt: str | None, style: str | None) -> Response:
+    async def _answer(self, request: Request, body: dict, prompt: str | None, style: str | None) -> Response:
         """Run the model for /v1/caption and /v1/ask and answer in the hosted Molmo API's shape."""
         max_new_tokens = optional_int(body, "max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
         max_crops = optional_max_crops(body)
         image = await self._image(decode_image(body.get("image")), "image")
-        result = await self._generate(image, prompt, max_new_tokens, max_crops)
+        result = await self._generate(image, prompt, max_new_tokens, max_crops, request.is_disconnected)
         answer: dict = {"text": result.text}
         if style:
             try:
@@ -168,10 +183,11 @@ class _Server:
         image = await self._image(chat.image, "image_url")
         completion_id = openai_compat.new_completion_id()
         if not chat.stream:
-            result = await self._generate(image, chat.prompt, chat.max_new_tokens, chat.max_crops)
+            result = await self._generate(image, chat.prompt, chat.max_new_tokens, chat.max_crops,
+                                          request.is_disconnected)
             reason = finish_reason(result, chat.max_new_tokens, self.captioner.max_positions)
             return JSONResponse(openai_compat.completion(completion_id, chat, result, reason))
-        events = self.worker.stream(image, chat.prompt, chat.max_new_tokens, chat.max_crops)
+        events = self.worker.stream(image, chat.prompt, chat.max_new_tokens, chat.max_crops, request.is_disconnected)
         try:
             first = await anext(events)
         except Exception as exc:  # noqa: BLE001 - errors before the first token get a proper status code
@@ -203,17 +219,16 @@ class _Server:
         finally:
             await events.aclose()
 
-    async def _image(self, data: bytes, param: str) -> Image.Image:
-        """Decode off the event loop and before queueing, so a bad image fails without waiting for the model."""
-        try:
-            return await run_in_threadpool(load_image, data)
-        except InputError as exc:
-            raise ApiError(400, str(exc), param=param) from None
+    async def _image(self, data: bytes, param: str) -> ImageData:
+        """The image, to be decoded on the model thread just before its generation: then one decoded image (up to
+        `MAX_PIXELS`) is in memory however many requests wait, and decoding never runs on the event loop."""
+        return ImageData(data, param)
 
-    async def _generate(self, image: Image.Image, prompt: str | None, max_new_tokens: int,
-                        max_crops: int | None) -> Result:
+    async def _generate(self, image: ImageData, prompt: str | None, max_new_tokens: int, max_crops: int | None,
+                        gone: Gone | None = None) -> Result:
+        """The whole result; `gone` (the request's `is_disconnected`) lets a client that left cancel it."""
         try:
-            result = await self.worker.generate(image, prompt, max_new_tokens, max_crops)
+            result = await self.worker.generate(image, prompt, max_new_tokens, max_crops, gone)
         except Exception as exc:  # noqa: BLE001 - mapped to a status code and a one-line message
             raise _runtime_error(exc) from None
         self._count_tokens(result)
@@ -229,6 +244,20 @@ def _runtime_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, InputError):
         return ApiError(400, str(exc))
+    if isinstance(exc, ImageRejected):
+        return ApiError(400, str(exc), param=exc.param)
+    if isinstance(exc, QueueFull):
+        return ApiError(503, f"the server is busy: {exc}; retry after {exc.retry_after_s} s", type="server_error",
+                        code="queue_full", headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, TimedOut):
+        return ApiError(504, "the generation took longer than this server's request timeout and was cancelled "
+                             "(see `molmocap serve --request-timeout`)", type="server_error", code="timeout")
+    if isinstance(exc, Stalled):
+        return ApiError(408, "the client stopped reading the stream; its generation was cancelled",
+                        code="client_stalled")
+    if isinstance(exc, ClientGone):  # nobody reads this answer: the status shows in /metrics (nginx's 499)
+        return ApiError(499, "the client closed the connection; its generation was cancelled",
+                        code="client_closed_request")
     if isinstance(exc, ShuttingDown):
         return ApiError(503, "the server is shutting down", type="server_error")
     if isinstance(exc, MolmocapError):
@@ -237,21 +266,27 @@ def _runtime_error(exc: Exception) -> ApiError:
     return ApiError(500, "internal error while generating; see the server log", type="server_error")
 
 
+def _error_response(path: str, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """`error` in the shape of the API `path` belongs to: Ollama's on its routes, OpenAI's elsewhere."""
+    body = ollama.error_body(error) if ollama.owns(path) else error.body()
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
 async def _api_error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return _error_response(request.url.path, exc, exc.headers)
 
 
 async def _http_error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error = ApiError(exc.status_code, exc.detail, type="invalid_request_error")
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+    return _error_response(request.url.path, error, exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return JSONResponse(ApiError(500, "internal server error; see the server log", type="server_error").body(),
-                        status_code=500)
+    return _error_response(request.url.path,
+                           ApiError(500, "internal server error; see the server log", type="server_error"))
 
 
 class _Observe:
@@ -283,7 +318,7 @@ class _Observe:
 
 
 class _BearerAuth:
-    """ASGI middleware answering 401 unless `Authorization: Bearer <api_key>`; /health stays open."""
+    """ASGI middleware answering 401 unless `Authorization: Bearer <api_key>`; `OPEN_PATHS` stay open."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -300,5 +335,5 @@ class _BearerAuth:
             return
         error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                          code="invalid_api_key")
-        response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        response = _error_response(scope["path"], error, {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)

@@ -45,8 +45,9 @@ class Metrics:
             self._tokens["prompt"] += prompt
             self._tokens["completion"] += completion
 
-    def snapshot(self, pending: int) -> dict:
-        """Everything as one JSON-ready dict; `pending` is the number of generations queued or running."""
+    def snapshot(self, pending: int, generations: dict[str, int] | None = None) -> dict:
+        """Everything as one JSON-ready dict; `pending` is the number of generations queued or running,
+        `generations` the model worker's count of generations by outcome (completed, cancelled_timeout, ...)."""
         with self._lock:
             counts = dict(self._counts)
             latencies = {route: sorted(values) for route, values in self._latencies.items()}
@@ -65,11 +66,12 @@ class Metrics:
                           for route, values in latencies.items() if values},
             "tokens": {"prompt": tokens.get("prompt", 0), "completion": tokens.get("completion", 0)},
             "pending_generations": pending,
+            "generations": dict(generations or {}),
         }
 
-    def prometheus(self, pending: int) -> str:
+    def prometheus(self, pending: int, generations: dict[str, int] | None = None) -> str:
         """The same numbers in Prometheus' text exposition format (window quantiles, all-time sum and count)."""
-        snap = self.snapshot(pending)
+        snap = self.snapshot(pending, generations)
         lines = ["# HELP molmocap_requests_total HTTP requests answered, by route and status.",
                  "# TYPE molmocap_requests_total counter"]
         for route, statuses in snap["requests"].items():
@@ -86,6 +88,11 @@ class Metrics:
         lines += ["# HELP molmocap_tokens_total Tokens processed, by kind.",
                   "# TYPE molmocap_tokens_total counter"]
         lines += [f'molmocap_tokens_total{{kind="{kind}"}} {count}' for kind, count in snap["tokens"].items()]
+        lines += ["# HELP molmocap_generations_total Generations by outcome (completed, failed, bad_image, rejected, "
+                  "cancelled_<reason>, skipped_<reason>).",
+                  "# TYPE molmocap_generations_total counter"]
+        lines += [f'molmocap_generations_total{{outcome="{outcome}"}} {count}'
+                  for outcome, count in snap["generations"].items()]
         lines += ["# HELP molmocap_pending_generations Generations queued on or running on the model.",
                   "# TYPE molmocap_pending_generations gauge",
                   f"molmocap_pending_generations {pending}",

@@ -38,7 +38,7 @@ def parse_chat_request(body: dict, default_model: str) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     images: list[str] = []
-    prompt: str | None = None
+    prompt = ""
     has_user = False
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
@@ -46,8 +46,7 @@ def parse_chat_request(body: dict, default_model: str) -> ChatRequest:
         texts = _message_parts(message.get("content"), f"messages[{i}].content", images)
         if message["role"] == "user":
             has_user = True
-            text = "\n".join(texts)
-            prompt = text if text.strip() else None
+            prompt = "\n".join(texts)
     if not has_user:
         raise ApiError(400, "messages has no user message", param="messages")
     if len(images) != 1:
@@ -68,14 +67,22 @@ def parse_chat_request(body: dict, default_model: str) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
+    return model_request(images[0], "image_url", prompt, max_tokens, body, model or default_model, bool(stream),
+                         include_usage=bool(stream) and options.get("include_usage") is True)
+
+
+def model_request(image: str, image_param: str, prompt: str, max_new_tokens: int | None, limits: dict, model: str,
+                  stream: bool, include_usage: bool = False) -> ChatRequest:
+    """What every chat-shaped route (OpenAI's, Ollama's) asks the model: the image decoded, a blank prompt meaning
+    the model's caption prompt, the default token limit, and `max_crops` from `limits` within its bound."""
     return ChatRequest(
-        image=decode_image(images[0], param="image_url"),
-        prompt=prompt,
-        max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        max_crops=optional_max_crops(body),
-        model=model or default_model,
-        stream=bool(stream),
-        include_usage=bool(stream) and options.get("include_usage") is True,
+        image=decode_image(image, param=image_param),
+        prompt=prompt if prompt.strip() else None,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_TOKENS,
+        max_crops=optional_max_crops(limits),
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
     )
 
 

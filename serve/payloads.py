@@ -10,7 +10,7 @@ import binascii
 import json
 import re
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from molmocap.runtime.preprocess import MAX_CROPS
 
@@ -20,16 +20,17 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 class ApiError(Exception):
-    """An error answered to the client: HTTP status, one-line message, OpenAI error type and code."""
+    """An error answered to the client: HTTP status, one-line message, OpenAI error type and code, extra headers."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.param = param
+        self.headers = headers
 
     def body(self) -> dict:
         """The OpenAI error shape, which the official clients parse into their exceptions."""
@@ -37,7 +38,7 @@ class ApiError(Exception):
 
 
 async def read_json(request: Request, max_bytes: int) -> dict:
-    """The request body as a JSON object, refused with 413 past `max_bytes`.
+    """The request body as a JSON object, refused with 413 past `max_bytes` (499 when the client leaves mid-body).
 
     The declared Content-Length is checked first, then the bytes are counted as they arrive, so a chunked or
     lying client cannot make the server buffer more than the limit.
@@ -50,11 +51,15 @@ async def read_json(request: Request, max_bytes: int) -> dict:
             raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(max_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody reads the answer; it shows in /metrics as nginx's 499, not as a server error
+        raise ApiError(499, "the client closed the connection before sending the whole body",
+                       code="client_closed_request") from None
     try:
         data = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from model_tampering import flip_byte  # noqa: E402, F401 - the tests' way to da
 import tiny_models  # noqa: E402
 
 HUB_LAYOUT = "hub_layout"
+SERVER_KEY = "test-key"  # the API key of `live_server`
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -97,3 +100,43 @@ def molmocap(*args: str, cache_dir: Path | None = None, env: dict | None = None)
         env["MOLMOCAP_CACHE_DIR"] = str(cache_dir)
     return subprocess.run([sys.executable, "-m", "molmocap", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(model_dir):
+    """`python -m molmocap serve --api-key SERVER_KEY` for the requesting module's `model_dir` fixture, on a free
+    loopback port; always terminated."""
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MOLMOCAP_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "molmocap", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--model", str(model_dir), "--threads", "1", "--api-key", SERVER_KEY],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the server did not answer /health within 120 s")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

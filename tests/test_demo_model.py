@@ -148,9 +148,9 @@ def test_default_model_sees_held_out_scenes():
     it answers the scored questions, at rates a model that ignores the image cannot reach (the nearly blind first
     run: 27.5% of points, 40% of questions; guessing a background: 33%). The bars sit under what the shipped weights
     measure here (100%, 87%, 89%, 87%); issue 4's 90%/85% targets are not met by them (benchmarks/eval_demo.py)."""
-    from molmocap.cli import DEFAULT_MODEL
     from models.demo.scenes import COLORS
     from models.demo.scoring import eval_items, score_points
+    from molmocap.cli import DEFAULT_MODEL
     from molmocap.runtime import Captioner
 
     captioner = Captioner.load(DEFAULT_MODEL, threads=2)

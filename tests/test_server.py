@@ -7,12 +7,7 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,13 +15,12 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from conftest import noise_image
+from conftest import SERVER_KEY, noise_image
 from molmocap.runtime import Captioner, Result
 from molmocap.serve import create_app
 from molmocap.serve.worker import ModelWorker
 
-ROOT = Path(__file__).resolve().parents[1]
-KEY = "test-key"
+KEY = SERVER_KEY
 
 
 def png_bytes(height: int = 64, width: int = 96, seed: int = 0) -> bytes:
@@ -334,46 +328,8 @@ def test_an_abandoned_stream_stops_its_generation():
 
     asyncio.run(run())
     worker.close()
-    assert fake.pieces == 1 and worker.pending == 0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def live_server(model_dir):
-    """`python -m molmocap serve` on a free loopback port; always terminated."""
-    import httpx
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MOLMOCAP_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "molmocap", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--model", str(model_dir), "--threads", "1", "--api-key", KEY],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not answer /health within 120 s")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    assert fake.pieces == 1 + 3 and worker.pending == 0  # one streamed piece, then the 3 of the next generation
+    assert worker.outcomes() == {"cancelled_client_gone": 1, "completed": 1}
 
 
 def test_live_server_with_the_openai_client(live_server):
