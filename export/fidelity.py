@@ -9,33 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 from molmocap.runtime.captioner import Captioner, ImageSource
-from molmocap.runtime.decoder import prefill_bias
-from molmocap.runtime.prompt import encode, prompt_text
-
-
-def _prefill(captioner: Captioner, image: ImageSource, prompt: str, max_crops: int | None):
-    encoded = captioner.encode_image(image, max_crops)
-    text = prompt_text(prompt, encoded.inputs.grid, captioner.manifest.prompt, captioner.manifest.tokens["bos"],
-                       captioner.reserved)
-    ids = encode(captioner.tokenizer, text)
-    embeds = captioner.embed(ids[None])
-    captioner._add_image_embeddings(embeds, ids, encoded.embeddings)
-    cache = captioner.decoder.new_cache()
-    return captioner.decoder.forward(embeds, prefill_bias(ids, captioner.structure_ids), cache), cache
 
 
 def teacher_forced_logits(captioner: Captioner, image: ImageSource, prompt: str, tokens: list[int] | None,
                           positions: int, max_crops: int | None = None) -> tuple[np.ndarray, list[int]]:
     """Logits at `positions` consecutive positions after the prompt, feeding `tokens` (or, when None, this model's
     own greedy choices, which are returned for the other model to follow)."""
-    logits, cache = _prefill(captioner, image, prompt, max_crops)
-    rows, fed = [logits], []
+    state = captioner.prefill(captioner.encode_image(image, max_crops), prompt, max_new_tokens=positions)
+    rows, fed = [state.logits], []
     for step in range(positions - 1):
-        token = int(np.argmax(logits)) if tokens is None else tokens[step]
+        token = int(np.argmax(state.logits)) if tokens is None else tokens[step]
         fed.append(token)
-        bias = np.zeros((1, 1, 1, cache.length + 1), dtype=np.float32)
-        logits = captioner.decoder.forward(captioner.embed(np.array([[token]], dtype=np.int64)), bias, cache)
-        rows.append(logits)
+        rows.append(captioner.step(state, token))
     return np.stack(rows), fed
 
 

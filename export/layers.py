@@ -20,11 +20,22 @@ def linear(g: GraphBuilder, x: str, w: Weights, prefix: str, how: QuantLinear = 
     return linear_node(g, x, w.get(f"{prefix}.weight"), bias, how, prefix)
 
 
+def fused_linear(g: GraphBuilder, x: str, w: Weights, prefixes: list[str], name: str,
+                 how: QuantLinear = FP32) -> str:
+    """One product for several torch Linears that read the same input (q|k|v, gate|up): their weights stacked by
+    output rows, so the input is read (and, for int8, quantized) once and a decode step runs one kernel, not three.
+    The output is the parts' outputs side by side, in the order of `prefixes`."""
+    weight = np.concatenate([w.get(f"{p}.weight") for p in prefixes])
+    biases = [w.get(f"{p}.bias") for p in prefixes if w.has(f"{p}.bias")]
+    if biases and len(biases) != len(prefixes):
+        raise ValueError(f"only some of {prefixes} have a bias")
+    return linear_node(g, x, weight, np.concatenate(biases) if biases else None, how, name)
+
+
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
-    """RMSNorm over the last axis, computed in float32 like `Molmo2RMSNorm`."""
-    var = g.op("ReduceMean", [g.op("Mul", [x, x])], keepdims=1, axes=[-1])
-    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps)])])])
-    return g.op("Mul", [g.weight(f"{name}.weight", weight), g.op("Mul", [x, inv])], hint=f"{name}.out")
+    """RMSNorm over the last axis in float32 like `Molmo2RMSNorm`, as ONNX Runtime's one fused kernel."""
+    return g.op("SimplifiedLayerNormalization", [x, g.weight(f"{name}.weight", weight)], axis=-1, epsilon=eps,
+                stash_type=1, hint=f"{name}.out")
 
 
 def layer_norm(g: GraphBuilder, x: str, w: Weights, prefix: str, eps: float) -> str:

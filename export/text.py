@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from . import layers
 from .onnx_graph import GraphBuilder
-from .quantize import FP32, QuantLinear, quantize_int8_rows
+from .quantize import FP32, MS, QuantLinear, quantize_int8_rows
 from .weights import Weights
 
 LM = "model.language_model"
@@ -43,82 +43,91 @@ def build_embed(path: Path, w: Weights, text_cfg, precision: str = "fp32") -> No
     g.save()
 
 
-def _rope_tables(g: GraphBuilder, positions: str, inv_freq: np.ndarray, scaling: float, name: str) -> tuple[str, str]:
-    """cos, sin of shape [batch, 1, seq, head_dim], as `Molmo2RotaryEmbedding` computes them in float32."""
-    pos = g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT), g.const([-1], np.int64)])
-    freqs = g.op("Mul", [pos, g.weight(f"{name}.inv_freq", inv_freq.astype(np.float32))])
-    emb = g.op("Unsqueeze", [g.op("Concat", [freqs, freqs], axis=-1), g.const([1], np.int64)])
-    cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+def _rope_caches(g: GraphBuilder, inv_freq: np.ndarray, scaling: float, positions: int,
+                 name: str) -> tuple[str, str]:
+    """cos, sin [positions, head_dim / 2] for GroupQueryAttention's rotary: `Molmo2RotaryEmbedding`'s float32
+    values (position times inverse frequency, then cos/sin, times the attention scaling), one row per position."""
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
+    cos, sin = np.cos(freqs), np.sin(freqs)
     if scaling != 1.0:
-        cos, sin = g.op("Mul", [cos, g.const(scaling)]), g.op("Mul", [sin, g.const(scaling)])
-    return cos, sin
+        cos, sin = cos * np.float32(scaling), sin * np.float32(scaling)
+    return g.weight(f"{name}.cos_cache", cos), g.weight(f"{name}.sin_cache", sin)
 
 
-def _apply_rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
-    x1, x2 = g.op("Split", [x], outputs=2, axis=-1)
-    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+def _head_rms_norm(g: GraphBuilder, x: str, heads: int, head_dim: int, weight: np.ndarray, eps: float,
+                   name: str) -> str:
+    """Qwen3's q/k norm: RMSNorm over each head's own head_dim values. [B, S, heads*D] -> same shape."""
+    x = g.op("Reshape", [x, g.const([0, 0, heads, head_dim], np.int64)])  # [B, S, heads, D]
+    x = layers.rms_norm(g, x, weight, eps, name)
+    return g.op("Reshape", [x, g.const([0, 0, heads * head_dim], np.int64)])
 
 
 def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]],
                   how: QuantLinear = FP32, lm_head: QuantLinear = FP32,
                   progress: Callable[[str], None] = lambda msg: None) -> None:
-    """One step of the language model over `seq` new positions with a KV cache of `past` positions.
+    """The language model over `seq` new positions, reading and writing a preallocated KV cache in place.
 
-    Inputs: inputs_embeds [batch, seq, hidden], position_ids [batch, seq], attention_bias [batch, 1, seq, past+seq]
-    (additive: 0 where attention is allowed, float32 min elsewhere; the runtime builds the Molmo2 image-block rule
-    into it), and the per-layer past keys/values. Outputs: next-token logits of the last position [batch, vocab]
-    and the per-layer present keys/values (past + new).
+    Inputs: inputs_embeds [batch, seq, hidden]; attention_bias [batch, 1, seq, total] (additive: 0 where attention
+    is allowed, float32 min elsewhere; the runtime builds the Molmo2 image-block rule into it, zeros for a decode
+    step); seqlens_k [batch] int32 (total - 1) and total_sequence_length int32 (past + seq, the positions in use);
+    and per layer the key/value buffers [batch, kv_heads, capacity, head_dim]. Outputs: next-token logits of the last
+    position [batch, vocab] and per layer the same buffers with the new positions written (bind each present output
+    to its past input's buffer: GroupQueryAttention then writes the `seq` new rows in place and copies nothing).
+
+    Attention is ONNX Runtime's GroupQueryAttention with its rotary (RoPE on positions past .. total - 1, which it
+    derives from seqlens_k) and `causal=0`, so the bias alone decides what each position sees.
     """
     cfg = text_cfg
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
     g = GraphBuilder(path)
     x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size])
-    positions = g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
     bias = g.input("attention_bias", TensorProto.FLOAT, ["batch", 1, "seq", "total"])
-    bias = g.op("Unsqueeze", [bias, g.const([1], np.int64)])
-    tables = {kind: _rope_tables(g, positions, inv_freq, scaling, f"rope_{kind}")
-              for kind, (inv_freq, scaling) in rope.items()}
+    seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])
+    total = g.input("total_sequence_length", TensorProto.INT32, [])
+    kinds = {"scaled" if i in cfg.rope_scaling_layers else "unscaled" for i in range(cfg.num_hidden_layers)}
+    caches = {kind: _rope_caches(g, *rope[kind], cfg.max_position_embeddings, f"rope_{kind}") for kind in kinds}
+    split_qkv = g.const([q_size, kv_size, kv_size], np.int64)
 
     for i in range(cfg.num_hidden_layers):
         progress(f"{path.stem} layer {i + 1}/{cfg.num_hidden_layers}")
         p = f"{LM}.layers.{i}"
         past_k, past_v, present_k, present_v = kv_names(i)
-        g.input(past_k, TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
-        g.input(past_v, TensorProto.FLOAT, ["batch", kv_heads, "past", head_dim])
+        for name in (past_k, past_v):
+            g.input(name, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])
         in_norm = w.get(f"{p}.input_layernorm.weight")
         post_norm = w.get(f"{p}.post_attention_layernorm.weight")
 
         h = x if cfg.norm_after else layers.rms_norm(g, x, in_norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
-        q = layers.linear(g, h, w, f"{p}.self_attn.q_proj", how)
-        k = layers.linear(g, h, w, f"{p}.self_attn.k_proj", how)
-        v = layers.split_heads(g, layers.linear(g, h, w, f"{p}.self_attn.v_proj", how), kv_heads, head_dim)
+        qkv = layers.fused_linear(g, h, w, [f"{p}.self_attn.{n}_proj" for n in "qkv"], f"{p}.self_attn.qkv_proj", how)
+        q, k, v = g.op("Split", [qkv, split_qkv], outputs=3, axis=-1)  # [B, S, heads*D], 2x [B, S, kv_heads*D]
         q_norm, k_norm = w.get(f"{p}.self_attn.q_norm.weight"), w.get(f"{p}.self_attn.k_norm.weight")
         if cfg.qk_norm_type == "olmo":
             q = layers.rms_norm(g, q, q_norm, cfg.rms_norm_eps, f"{p}.self_attn.q_norm")
             k = layers.rms_norm(g, k, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
-        q, k = layers.split_heads(g, q, heads, head_dim), layers.split_heads(g, k, kv_heads, head_dim)
-        if cfg.qk_norm_type == "qwen3":
-            q = layers.rms_norm(g, q, q_norm, cfg.rms_norm_eps, f"{p}.self_attn.q_norm")
-            k = layers.rms_norm(g, k, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
-        cos, sin = tables["scaled" if i in cfg.rope_scaling_layers else "unscaled"]
-        q, k = _apply_rope(g, q, cos, sin), _apply_rope(g, k, cos, sin)
-        k = g.op("Concat", [past_k, k], axis=2, hint=present_k)
-        v = g.op("Concat", [past_v, v], axis=2, hint=present_v)
-        g.output(k, present_k, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
-        g.output(v, present_v, TensorProto.FLOAT, ["batch", kv_heads, "total", head_dim])
+        elif cfg.qk_norm_type == "qwen3":
+            q = _head_rms_norm(g, q, heads, head_dim, q_norm, cfg.rms_norm_eps, f"{p}.self_attn.q_norm")
+            k = _head_rms_norm(g, k, kv_heads, head_dim, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
+        cos, sin = caches["scaled" if i in cfg.rope_scaling_layers else "unscaled"]
+        a = g.fresh(f"{p}.self_attn.out")
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, "", bias],
+            [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, causal=0,
+            scale=head_dim**-0.5))  # a: [B, S, heads*D]
+        g.output(present_k, present_k, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])
+        g.output(present_v, present_v, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])
 
-        a = layers.attention(g, q, present_k, present_v, heads, kv_heads, head_dim, bias)
-        a = layers.linear(g, layers.merge_heads(g, a, heads, head_dim), w, f"{p}.self_attn.o_proj", how)
+        a = layers.linear(g, a, w, f"{p}.self_attn.o_proj", how)
         if cfg.norm_after:
             a = layers.rms_norm(g, a, in_norm, cfg.rms_norm_eps, f"{p}.input_layernorm")
         x = g.op("Add", [x, a])
 
         h = x if cfg.norm_after else layers.rms_norm(g, x, post_norm, cfg.rms_norm_eps,
                                                       f"{p}.post_attention_layernorm")
-        gate = layers.silu(g, layers.linear(g, h, w, f"{p}.mlp.gate_proj", how))
-        h = layers.linear(g, g.op("Mul", [gate, layers.linear(g, h, w, f"{p}.mlp.up_proj", how)]), w,
-                          f"{p}.mlp.down_proj", how)
+        gate_up = layers.fused_linear(g, h, w, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj",
+                                      how)
+        gate, up = g.op("Split", [gate_up], outputs=2, axis=-1)  # [B, S, intermediate] each
+        h = layers.linear(g, g.op("Mul", [layers.silu(g, gate), up]), w, f"{p}.mlp.down_proj", how)
         if cfg.norm_after:
             h = layers.rms_norm(g, h, post_norm, cfg.rms_norm_eps, f"{p}.post_attention_layernorm")
         x = g.op("Add", [x, h], hint=f"decoder.layer{i}.out")

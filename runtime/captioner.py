@@ -19,6 +19,7 @@ from .manifest import Manifest, load_manifest
 from .preprocess import ImageInputs, PreprocessConfig, preprocess, token_grid
 from .prompt import encode, prompt_text
 from .sessions import open_components
+from .streaming import TextStream
 from .styles import style_prompt
 from .vision import encode_image
 
@@ -34,6 +35,21 @@ class EncodedImage:
     timings: dict[str, float]
     prefix_ids: np.ndarray | None = None
     prefix_cache: KVCache | None = None
+
+
+@dataclass
+class DecodeState:
+    """A generation in progress (see `Captioner.prefill`): the KV cache, the logits for the next token and the
+    prompt's token ids. `Captioner.step` feeds one more token."""
+
+    cache: KVCache
+    logits: np.ndarray
+    prompt_ids: np.ndarray
+
+    @property
+    def positions(self) -> int:
+        """Positions in the cache: the prompt and every token fed since."""
+        return self.cache.length
 
 
 @dataclass
@@ -111,6 +127,23 @@ class Captioner:
                              f"{self.max_positions} positions (use a smaller max_crops or a shorter prompt)")
         return ids
 
+    def prefill(self, image: ImageSource | EncodedImage, prompt: str | None = None, max_new_tokens: int = 128,
+                max_crops: int | None = None) -> DecodeState:
+        """Run the prompt about `image` through the decoder, with a KV cache sized for `max_new_tokens` more tokens.
+
+        The state holds the logits of the first answer token; `step` feeds each token chosen after it. An
+        `EncodedImage` keeps (or reuses) the KV cache of its image block, as in `generate`.
+        """
+        encoded, _, ids = self._prepare(image, prompt, max_crops)
+        return self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
+
+    def step(self, state: DecodeState, token: int) -> np.ndarray:
+        """Feed `token` at the next position of `state`; returns (and keeps in `state`) the next logits [vocab]."""
+        if state.cache.length >= state.cache.capacity:
+            raise InputError(f"the generation is full: its KV cache holds {state.cache.capacity} positions")
+        state.logits = self.decoder.step(self.embed(np.array([[token]], dtype=np.int64)), state.cache)
+        return state.logits
+
     def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None, max_new_tokens: int = 128,
                  max_crops: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
         """Answer `prompt` (default: the model's caption prompt) about `image` by greedy decoding.
@@ -121,41 +154,30 @@ class Captioner:
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         t0 = time.perf_counter()
-        reuse = isinstance(image, EncodedImage)
-        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
-        if reuse:
-            if max_crops is not None:
-                raise InputError("max_crops is chosen when the image is encoded, not per question")
-            encoded, timings = image, {"preprocess_s": 0.0, "vision_s": 0.0}
-            ids = self._prompt_ids(prompt, encoded.inputs.grid)
-        else:
-            encoded, ids = self._encode(image, max_crops, prompt)
-            timings = dict(encoded.timings)
+        encoded, timings, ids = self._prepare(image, prompt, max_crops)
         max_new_tokens = min(max_new_tokens, self.max_positions - len(ids))
 
         t_prefill = time.perf_counter()
-        cache, start = self._reusable_prefix(encoded, ids) if reuse else (self.decoder.new_cache(), 0)
-        embeds = self.embed(ids[None, start:])
-        if start == 0:
-            self._add_image_embeddings(embeds, ids, encoded.embeddings)
-        logits = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids, start), cache)
+        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
         t3 = time.perf_counter()
 
         tokens: list[int] = []
-        shown = ""
+        stream = TextStream(self.tokenizer)
         first_token_at = None
-        for token in self.decoder.greedy(logits, cache, self.embed, max_new_tokens, self.stop_ids):
+        while len(tokens) < max_new_tokens:
+            token = int(np.argmax(state.logits))
+            if token in self.stop_ids:
+                break
             first_token_at = first_token_at or time.perf_counter()
             tokens.append(token)
-            if on_text is not None:
-                current = self.tokenizer.decode(tokens)
-                if not current.endswith("\ufffd") and current != shown:
-                    on_text(current[len(shown):])
-                    shown = current
+            if on_text is not None and (piece := stream.push(token)):
+                on_text(piece)
+            if len(tokens) < max_new_tokens:
+                self.step(state, token)
         t4 = time.perf_counter()
         text_out = self.tokenizer.decode(tokens)
-        if on_text is not None and text_out != shown:
-            on_text(text_out[len(shown):])
+        if on_text is not None and (rest := stream.finish(text_out)):
+            on_text(rest)
         decode_s = t4 - (first_token_at or t4)
         timings.update({
             "prefill_s": t3 - t_prefill,
@@ -165,6 +187,27 @@ class Captioner:
         })
         return Result(text=text_out, token_ids=tokens, prompt_tokens=len(ids), timings=timings)
 
+    def _prepare(self, image: ImageSource | EncodedImage, prompt: str | None,
+                 max_crops: int | None) -> tuple[EncodedImage, dict[str, float], np.ndarray]:
+        """The encoded image, the time its encoding took and the prompt's token ids (checked before vision runs)."""
+        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
+        if isinstance(image, EncodedImage):
+            if max_crops is not None:
+                raise InputError("max_crops is chosen when the image is encoded, not per question")
+            return image, {"preprocess_s": 0.0, "vision_s": 0.0}, self._prompt_ids(prompt, image.inputs.grid)
+        encoded, ids = self._encode(image, max_crops, prompt)
+        return encoded, dict(encoded.timings), ids
+
+    def _prefill_ids(self, encoded: EncodedImage, ids: np.ndarray, max_new_tokens: int, reuse: bool) -> DecodeState:
+        """Prefill `ids` into a cache with room for `max_new_tokens` more (within the model's positions)."""
+        capacity = min(len(ids) + max(max_new_tokens, 1), self.max_positions)
+        cache, start = self._reusable_prefix(encoded, ids, capacity) if reuse else (self.decoder.new_cache(capacity), 0)
+        embeds = self.embed(ids[None, start:])
+        if start == 0:
+            self._add_image_embeddings(embeds, ids, encoded.embeddings)
+        logits = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids, start), cache)
+        return DecodeState(cache, logits, ids)
+
     def _add_image_embeddings(self, embeds: np.ndarray, ids: np.ndarray, image_embeddings: np.ndarray) -> None:
         """Molmo2 adds (not substitutes) each image embedding onto its `<im_patch>` token embedding."""
         rows = ids[: embeds.shape[1]] == self.image_patch_id
@@ -172,15 +215,15 @@ class Captioner:
             raise ModelError(f"{rows.sum()} image tokens but {len(image_embeddings)} image embeddings")
         embeds[0, rows] += image_embeddings
 
-    def _reusable_prefix(self, encoded: EncodedImage, ids: np.ndarray) -> tuple[KVCache, int]:
-        """A KV cache covering the image block of `ids` and where the prefill must start.
+    def _reusable_prefix(self, encoded: EncodedImage, ids: np.ndarray, capacity: int) -> tuple[KVCache, int]:
+        """A KV cache of `capacity` positions covering the image block of `ids`, and where the prefill must start.
 
         The first question about an `EncodedImage` computes and keeps it; later ones reuse a copy when their ids
         start with the same prefix.
         """
         if encoded.prefix_ids is not None and np.array_equal(ids[: len(encoded.prefix_ids)], encoded.prefix_ids):
-            return encoded.prefix_cache.copy(), len(encoded.prefix_ids)
-        cache = self.decoder.new_cache()
+            return encoded.prefix_cache.copy(capacity), len(encoded.prefix_ids)
+        cache = self.decoder.new_cache(capacity)
         end = int(np.flatnonzero(np.isin(ids, self.structure_ids)).max()) + 1
         embeds = self.embed(ids[None, :end])
         self._add_image_embeddings(embeds, ids, encoded.embeddings)

@@ -24,7 +24,7 @@ from .errors import ModelError
 from .manifest_schema import manifest_problem, unlisted_weights
 
 MANIFEST_NAME = "molmocap.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder reads and writes a preallocated KV cache (GroupQueryAttention)
 COMPONENTS = ("vision", "adapter", "embed", "decoder")
 STAMP_DIR = "verified"
 

@@ -17,7 +17,7 @@ from .errors import ModelError
 from .manifest import Manifest
 from .preprocess import PreprocessConfig
 
-FLOAT, INT64 = "tensor(float)", "tensor(int64)"
+FLOAT, INT64, INT32 = "tensor(float)", "tensor(int64)", "tensor(int32)"
 # name -> (element type, dimensions: an int where fixed, None where free; None for no rank check)
 Signature = dict[str, tuple[str, list[int | None] | None]]
 
@@ -60,8 +60,8 @@ def signatures(manifest: Manifest, config: PreprocessConfig) -> dict[str, tuple[
     hidden, kv = text["hidden_size"], [None, text["num_kv_heads"], None, text["head_dim"]]
     patches = (config.crop_size // config.patch_size) ** 2
     past = {f"past_key_values.{i}.{kind}": (FLOAT, kv) for i in range(text["num_layers"]) for kind in ("key", "value")}
-    decoder = ({"inputs_embeds": (FLOAT, [None, None, hidden]), "position_ids": (INT64, [None, None]),
-                "attention_bias": (FLOAT, [None, 1, None, None]), **past},
+    decoder = ({"inputs_embeds": (FLOAT, [None, None, hidden]), "attention_bias": (FLOAT, [None, 1, None, None]),
+                "seqlens_k": (INT32, [None]), "total_sequence_length": (INT32, []), **past},
                {"logits": (FLOAT, None), **{name.replace("past_key_values.", "present."): value
                                            for name, value in past.items()}})
     return {

@@ -14,7 +14,6 @@ from transformers import Molmo2ForConditionalGeneration, Molmo2Processor
 
 from conftest import CHECKPOINT_NAMES, noise_image
 from molmocap.runtime import Captioner
-from molmocap.runtime.decoder import prefill_bias
 from molmocap.runtime.image_io import load_image
 from molmocap.runtime.preprocess import preprocess
 from molmocap.runtime.prompt import encode, prompt_text
@@ -65,24 +64,15 @@ def test_generation_matches_transformers(variant, image_name, exported, referenc
     assert result.token_ids == ref_tokens[: len(result.token_ids)]
     assert len(result.token_ids) == 32 or ref_tokens[len(result.token_ids)] in captioner.stop_ids
 
-    # Teacher-forced logits at prefill and at every decode step, through the runtime's own decoder and cache.
-    ids = inputs["input_ids"][0].numpy()
-    embeds = captioner.embed(ids[None])
-    embeds[0, ids == captioner.image_patch_id] += captioner_image_embeddings(captioner, ours)
-    cache = captioner.decoder.new_cache()
-    logits = captioner.decoder.forward(embeds, prefill_bias(ids, captioner.structure_ids), cache)
+    # Teacher-forced logits at prefill and at every decode step, through the public prefill/step API.
+    state = captioner.prefill(image, prompt, max_new_tokens=32, max_crops=max_crops)
+    assert state.prompt_ids.tolist() == inputs["input_ids"][0].tolist()
     for step, expected in enumerate(ref_logits):
         tolerance = 1e-3 * (expected.max() - expected.min())
-        assert np.abs(logits - expected).max() <= tolerance, f"step {step}"
-        token = np.array([[ref_tokens[step]]], dtype=np.int64)
-        bias = np.zeros((1, 1, 1, cache.length + 1), dtype=np.float32)
-        logits = captioner.decoder.forward(captioner.embed(token), bias, cache)
-
-
-def captioner_image_embeddings(captioner: Captioner, inputs) -> np.ndarray:
-    from molmocap.runtime.vision import encode_image
-
-    return encode_image(captioner.vision, captioner.adapter, inputs)
+        assert np.abs(state.logits - expected).max() <= tolerance, f"step {step}"
+        if step + 1 < len(ref_logits):
+            captioner.step(state, ref_tokens[step])
+    assert state.positions == len(state.prompt_ids) + len(ref_logits) - 1
 
 
 def test_streaming_pieces_join_to_the_text(exported):
@@ -112,3 +102,28 @@ def test_questions_about_an_encoded_image_reuse_its_prefix(exported):
     for question, answer in zip(questions, answers):
         fresh = captioner.generate(image, question, max_new_tokens=12, max_crops=3)
         assert answer.token_ids == fresh.token_ids and answer.prompt_tokens == fresh.prompt_tokens
+
+
+def test_decode_steps_write_the_cache_in_place(exported):
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    state = captioner.prefill(IMAGES["tiny"][0], "Describe this image.", max_new_tokens=3)
+    used, buffers = state.positions, dict(state.cache.arrays)
+    before = {name: array.copy() for name, array in buffers.items()}
+    assert state.cache.capacity == used + 3
+    captioner.step(state, int(np.argmax(state.logits)))
+    assert state.positions == used + 1
+    for name, array in state.cache.arrays.items():
+        assert array is buffers[name]
+        np.testing.assert_array_equal(array[:, :, :used], before[name][:, :, :used])
+        assert np.abs(array[:, :, used]).min() > 0 and not array[:, :, used + 1:].any()
+
+
+def test_a_full_generation_refuses_another_step(exported):
+    from molmocap.runtime.errors import InputError
+
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    state = captioner.prefill(IMAGES["tiny"][0], "Describe this image.", max_new_tokens=2)
+    captioner.step(state, 5)
+    captioner.step(state, 6)
+    with pytest.raises(InputError, match="full"):
+        captioner.step(state, 7)

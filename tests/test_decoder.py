@@ -27,9 +27,16 @@ def test_bias_values_are_zero_or_float32_min():
     assert set(np.unique(bias)) == {0.0, NEG_INF}
 
 
-def test_cache_grows_with_present_tensors():
-    cache = KVCache(layers=2, kv_heads=3, head_dim=4)
-    assert cache.length == 0 and len(cache.tensors) == 4
-    present = {f"present.{i}.{k}": np.ones((1, 3, 7, 4), np.float32) for i in range(2) for k in ("key", "value")}
-    cache.update(present)
-    assert cache.length == 7
+def test_cache_copy_keeps_the_positions_in_use_with_new_room():
+    cache = KVCache(layers=2, kv_heads=3, head_dim=4, capacity=10)
+    assert cache.length == 0 and cache.capacity == 10 and len(cache.arrays) == 4
+    for array in cache.arrays.values():
+        array[:, :, :6] = np.arange(6, dtype=np.float32)[:, None]
+    cache.length = 6
+    bigger, exact = cache.copy(16), cache.copy()
+    assert (bigger.capacity, bigger.length, exact.capacity, exact.length) == (16, 6, 6, 6)
+    for name, array in cache.arrays.items():
+        assert bigger.arrays[name] is not array
+        np.testing.assert_array_equal(bigger.arrays[name][:, :, :6], array[:, :, :6])
+        np.testing.assert_array_equal(exact.arrays[name], array[:, :, :6])
+        assert not bigger.arrays[name][:, :, 6:].any()
