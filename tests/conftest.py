@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,35 +111,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live_server(model_dir):
-    """`python -m molmocap serve --api-key SERVER_KEY` for the requesting module's `model_dir` fixture, on a free
-    loopback port; always terminated."""
+@contextlib.contextmanager
+def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`python -m molmocap serve ARGS` on a free loopback port (without $MOLMOCAP_API_KEY), yielded once /health
+    answers; always stopped. Its log goes to a temporary file, shown if it exits early."""
     import httpx
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MOLMOCAP_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "molmocap", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--model", str(model_dir), "--threads", "1", "--api-key", SERVER_KEY],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not answer /health within 120 s")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "molmocap", "serve", "--port", str(port), *args], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"the server exited with {proc.returncode}: {log.read()}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail("the server did not answer /health within 120 s")
+                time.sleep(0.2)
+            yield proc, port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def live_server(model_dir):
+    """`python -m molmocap serve --api-key SERVER_KEY` for the requesting module's `model_dir` fixture, on a free
+    loopback port; always terminated."""
+    with serve_process("--host", "127.0.0.1", "--model", str(model_dir), "--threads", "1",
+                       "--api-key", SERVER_KEY) as (_, port):
+        yield f"http://127.0.0.1:{port}"

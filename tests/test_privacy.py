@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import noise_image
+from conftest import noise_image, serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo" / "onnx"
@@ -119,12 +119,6 @@ def test_export_of_a_local_directory_opens_no_socket(offline, tmp_path):
     assert (out / "molmocap.json").is_file()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def inet_sockets(pid: int) -> list[tuple[str, str, int, str]]:
     """(table, local address, local port, state) of every TCP/UDP socket, IPv4 or IPv6, that process `pid` holds."""
     inodes = set()
@@ -158,32 +152,10 @@ def decode_address(hex_address: str) -> str:
 def test_the_server_listens_only_where_asked(host):
     import httpx
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MOLMOCAP_API_KEY"}
-    command = [sys.executable, "-m", "molmocap", "serve", "--port", str(port), "--model", str(DEMO), "--threads", "1"]
-    proc = subprocess.Popen(command + (["--host", host] if host else []), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not answer /health within 120 s"
-            time.sleep(0.2)
+    with serve_process("--model", str(DEMO), "--threads", "1", *(["--host", host] if host else [])) as (proc, port):
         with httpx.Client(trust_env=False, timeout=60) as client:  # hold a connection open while looking
             client.get(f"http://127.0.0.1:{port}/health")
             sockets = inet_sockets(proc.pid)
-        listening = [s for s in sockets if s[0].startswith("tcp") and s[3] == "0A"]
-        assert listening == [("tcp", "127.0.0.1", port, "0A")], sockets
-        assert all(s[1] == "127.0.0.1" and s[2] == port for s in sockets), sockets  # nothing outbound, no UDP
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    listening = [s for s in sockets if s[0].startswith("tcp") and s[3] == "0A"]
+    assert listening == [("tcp", "127.0.0.1", port, "0A")], sockets
+    assert all(s[1] == "127.0.0.1" and s[2] == port for s in sockets), sockets  # nothing outbound, no UDP
