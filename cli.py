@@ -80,7 +80,8 @@ def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | 
     from molmocap.runtime.cache import ResultCache
     from molmocap.runtime.image_io import load_image
     from molmocap.runtime.styles import StyleOutputError, finish
-    from molmocap.runtime.xmp import check_sidecar, remove_leftovers, sidecar_path, write_sidecar
+    from molmocap.runtime.files import remove_leftovers
+    from molmocap.runtime.xmp import check_sidecar, sidecar_path, write_sidecar
 
     if as_json and stream:
         raise click.UsageError("--json and --stream cannot be combined")

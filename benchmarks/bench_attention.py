@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 from molmocap.export import layers
 from molmocap.export.onnx_graph import GraphBuilder
 from molmocap.export.quantize import MS
-from molmocap.runtime.manifest import write_json_atomic
+from molmocap.runtime.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 F = TensorProto.FLOAT

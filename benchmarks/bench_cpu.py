@@ -31,7 +31,7 @@ import numpy as np
 from conditions import conditions, load_average, results_path, save, spread
 from PIL import Image, ImageDraw
 
-from molmocap.runtime.xmp import replace_atomically
+from molmocap.runtime.files import replace_atomically
 
 PROMPT = "Describe this image."
 SPEED = ["ttft_s", "vision_s", "prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s"]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from molmocap.runtime.manifest import write_json_atomic
+from molmocap.runtime.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from molmocap.runtime.manifest import write_json_atomic
+from molmocap.runtime.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

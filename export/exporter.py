@@ -13,7 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from molmocap.runtime.errors import ExportError, InputError
-from molmocap.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+from molmocap.runtime.files import sha256_file, write_json_atomic
+from molmocap.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 from molmocap.runtime.styles import STYLES
 
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import os
@@ -31,10 +30,11 @@ from .caption_files import CaptionFiles
 from .captioner import Captioner, EncodedImage, ImageSource, Result
 from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, select_pages
 from .errors import InputError
+from .files import remove_leftovers, replace_atomically, sha256_file
 from .manifest import load_manifest
 from .preprocess import PreprocessConfig
 from .styles import StyleOutputError, finish, style_prompt
-from .xmp import remove_leftovers, replace_atomically, sidecar_fields, sidecar_path, write_sidecar
+from .xmp import sidecar_fields, sidecar_path, write_sidecar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 FORMATS = ("jsonl", "csv", "imagefolder")
@@ -88,18 +88,14 @@ def _walk_images(root: str, extensions: frozenset[str]) -> list[str]:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of an image file's bytes, or an `InputError` naming the file."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except FileNotFoundError:
         raise InputError(f"image file not found: {path}") from None
     except IsADirectoryError:
         raise InputError(f"not an image file but a directory: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot read image file {path}: {exc.strerror or exc}") from None
-    return digest.hexdigest()
 
 
 def rounded_timings(timings: dict) -> dict:

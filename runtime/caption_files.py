@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import InputError
-from .xmp import remove_leftovers, replace_atomically, sidecar_fields
+from .files import remove_leftovers, replace_atomically
+from .xmp import sidecar_fields
 
 REGISTRY_NAME = ".molmocap-captions.jsonl"
 MODES = ("refuse", "skip", "overwrite")

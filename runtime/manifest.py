@@ -15,36 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_dir
 from .errors import ModelError
+from .files import sha256_file, write_json_atomic
 from .manifest_schema import manifest_problem, unlisted_weights
 
 MANIFEST_NAME = "molmocap.json"
 FORMAT_VERSION = 2  # 2: the decoder reads and writes a preallocated KV cache (GroupQueryAttention)
 COMPONENTS = ("vision", "adapter", "embed", "decoder")
 STAMP_DIR = "verified"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def stamp_path(model_dir: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .errors import InputError
-from .xmp import replace_atomically
+from .files import replace_atomically
 
 _POINTS = re.compile(r"<points?\s+coords=\"([^\"]*)\"[^>]*>(.*?)</points?>", re.DOTALL)
 _V1_TAG = re.compile(r"<points?\s+([^>]*)>(.*?)</points?>", re.DOTALL)

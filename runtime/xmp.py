@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import InputError
+from .files import replace_atomically
 
 NS = {
     "x": "adobe:ns:meta/",
@@ -118,56 +117,3 @@ def write_sidecar(image: str | os.PathLike, answer: str | list | dict, model: st
     return path
 
 
-def temporary_prefix(path: Path) -> str:
-    """The name prefix of `replace_atomically`'s temporary files for `path` (hidden, so discovery skips them)."""
-    return f".{path.name}."
-
-
-def remove_leftovers(paths: Iterable[str | os.PathLike]) -> None:
-    """Delete the temporary files that `replace_atomically` left beside `paths` when it was killed before its rename.
-
-    Only names it makes for these very paths are touched (`.NAME.<random>.tmp`), and each directory is listed once,
-    so a batch cleans up after an earlier killed one in one pass. Two processes writing the same file at once are
-    not supported anyway (they would also race on the rename).
-    """
-    targets: dict[Path, set[str]] = {}
-    for path in map(Path, paths):
-        targets.setdefault(path.parent, set()).add(path.name)
-    for folder, names in targets.items():
-        try:
-            entries = os.listdir(folder)
-        except OSError:
-            continue
-        for entry in entries:
-            target, dot, random_part = entry[1:-len(".tmp")].rpartition(".")
-            if (entry.startswith(".") and entry.endswith(".tmp") and dot and target in names and random_part
-                    and "." not in random_part):
-                try:
-                    os.unlink(folder / entry)
-                except OSError:
-                    pass
-
-
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it and rename it over `path`: all or nothing.
-
-    The file keeps the mode of the one it replaces, else gets the usual one (0666 less the umask), not mkstemp's 0600.
-    A kill before the rename leaves the temporary file behind; `remove_leftovers` deletes such files.
-    """
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

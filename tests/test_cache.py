@@ -11,7 +11,8 @@ import pytest
 from conftest import flip_byte, molmocap, noise_image
 from molmocap.runtime.cache import CachedResult, ResultCache, default_cache_path, result_key
 from molmocap.runtime.errors import CacheError
-from molmocap.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from molmocap.runtime.files import sha256_file
+from molmocap.runtime.manifest import MANIFEST_NAME, read_manifest
 
 FAST = ("--max-new-tokens", "3", "--max-crops", "1", "--threads", "1")
 

@@ -14,8 +14,6 @@ from molmocap.runtime.errors import InputError
 from molmocap.runtime.xmp import (
     NS,
     check_sidecar,
-    remove_leftovers,
-    replace_atomically,
     sidecar_fields,
     sidecar_path,
     sidecar_xml,
@@ -116,13 +114,3 @@ def test_cli_writes_sidecars(exported, tmp_path):
                       cache_dir=tmp_path)
     assert forced.returncode == 0, forced.stderr
     assert parse(foreign)["description"] == forced.stdout.strip()
-
-
-def test_remove_leftovers_deletes_only_the_temporary_files_of_the_paths_given(tmp_path):
-    replace_atomically(tmp_path / "a.xmp", b"<a/>")
-    leftovers = [".a.xmp.x1y2z3_4.tmp", ".b.xmp.abcdefgh.tmp"]
-    kept = [".c.xmp.abcdefgh.tmp", ".a.xmp.two.parts.tmp", "a.xmp", ".a.xmp.tmp", "notes.tmp", ".hidden"]
-    for name in leftovers + kept:
-        (tmp_path / name).write_bytes(b"x")
-    remove_leftovers([tmp_path / "a.xmp", tmp_path / "b.xmp", tmp_path / "missing" / "d.xmp"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
