@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
 from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
 from molmocap.runtime.preprocess import MAX_CROPS
@@ -45,7 +46,7 @@ def model_options(f):
     for option in reversed([
         click.option("--model", "model", metavar="DIR", help="Exported model directory "
                      "(default: $MOLMOCAP_MODEL, else the embedded demo model)."),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
                      help="Stop after this many generated tokens."),
         click.option("--max-crops", type=click.IntRange(1, MAX_CROPS), default=None,
                      help=f"High-resolution crops per image, at most {MAX_CROPS} "
@@ -78,9 +79,9 @@ def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | 
     """
     from molmocap.runtime.batch import Runner, file_sha256, rounded_timings
     from molmocap.runtime.cache import ResultCache
+    from molmocap.runtime.files import remove_leftovers
     from molmocap.runtime.image_io import load_image
     from molmocap.runtime.styles import StyleOutputError, finish
-    from molmocap.runtime.files import remove_leftovers
     from molmocap.runtime.xmp import check_sidecar, sidecar_path, write_sidecar
 
     if as_json and stream:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .cache import CachedResult, ResultCache, result_key
 from .caption_files import CaptionFiles
-from .captioner import Captioner, EncodedImage, ImageSource, Result
+from .captioner import DEFAULT_MAX_NEW_TOKENS, Captioner, EncodedImage, ImageSource, Result
 from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, select_pages
 from .errors import InputError
 from .files import remove_leftovers, replace_atomically, sha256_file
@@ -114,9 +114,9 @@ class Runner:
     computed result has the captioner's timings plus `"cached": False`.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, max_new_tokens: int = 128, max_crops: int | None = None,
-                 style: str | None = None, threads: int | None = None, device: str = "cpu",
-                 cache: ResultCache | None = None) -> None:
+    def __init__(self, model_dir: str | os.PathLike, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 max_crops: int | None = None, style: str | None = None, threads: int | None = None,
+                 device: str = "cpu", cache: ResultCache | None = None) -> None:
         self.manifest = load_manifest(model_dir)
         self.model_id = self.manifest.model_id
         self.model_label = str(self.manifest.data.get("source") or Path(model_dir).resolve().name)

@@ -25,6 +25,9 @@ from .vision import encode_image
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
+# Answer length when none is asked for: the Python API, the CLI, batch and every server route use this one value.
+DEFAULT_MAX_NEW_TOKENS = 128
+
 
 @dataclass
 class EncodedImage:
@@ -127,8 +130,8 @@ class Captioner:
                              f"{self.max_positions} positions (use a smaller max_crops or a shorter prompt)")
         return ids
 
-    def prefill(self, image: ImageSource | EncodedImage, prompt: str | None = None, max_new_tokens: int = 128,
-                max_crops: int | None = None) -> DecodeState:
+    def prefill(self, image: ImageSource | EncodedImage, prompt: str | None = None,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None) -> DecodeState:
         """Run the prompt about `image` through the decoder, with a KV cache sized for `max_new_tokens` more tokens.
 
         The state holds the logits of the first answer token; `step` feeds each token chosen after it. An
@@ -144,8 +147,9 @@ class Captioner:
         state.logits = self.decoder.step(self.embed(np.array([[token]], dtype=np.int64)), state.cache)
         return state.logits
 
-    def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None, max_new_tokens: int = 128,
-                 max_crops: int | None = None, on_text: Callable[[str], None] | None = None) -> Result:
+    def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Result:
         """Answer `prompt` (default: the model's caption prompt) about `image` by greedy decoding.
 
         `image` is a path, bytes, a PIL image or the result of `encode_image` (then `max_crops` was chosen there).

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from molmocap.runtime import Captioner, InputError, MolmocapError, Result
+from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
 from molmocap.runtime.demo import DEMO_MODEL_NAME, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.styles import STYLES, StyleOutputError, finish
 
@@ -54,7 +55,6 @@ from .worker import (
 
 log = logging.getLogger("molmocap.serve")
 
-DEFAULT_MAX_NEW_TOKENS = 128
 OPEN_PATHS = frozenset({"/health", *ollama.OPEN_PATHS})
 CAPTION_FIELDS = ("image", "prompt", "style", "lang", "max_new_tokens", "max_crops")
 ASK_FIELDS = ("image", "prompt", "max_new_tokens", "max_crops")

@@ -13,10 +13,9 @@ import uuid
 from dataclasses import dataclass
 
 from molmocap.runtime import Result
+from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
 
 from .payloads import ApiError, decode_image, optional_int, optional_max_crops
-
-DEFAULT_MAX_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def model_request(image: str, image_param: str, prompt: str, max_new_tokens: int
     return ChatRequest(
         image=decode_image(image, param=image_param),
         prompt=prompt if prompt.strip() else None,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_TOKENS,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         max_crops=optional_max_crops(limits),
         model=model,
         stream=stream,
