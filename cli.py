@@ -5,21 +5,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
 from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
 from molmocap.runtime.preprocess import MAX_CROPS
+from molmocap.runtime.request import DEFAULT_MAX_NEW_TOKENS, Request
 from molmocap.runtime.styles import STYLES
 
 if TYPE_CHECKING:
     from molmocap.runtime.caption_files import CaptionFiles
 
 DEFAULT_MODEL = DEMO_MODEL_DIR
+POINT_MAX_NEW_TOKENS = 256  # a point answer lists coordinates for every instance: longer than a caption
 
 
 def resolve_model(model: str | None) -> Path:
@@ -41,39 +43,56 @@ def demo_notice(demo: bool) -> None:
         click.echo(DEMO_NOTICE, err=True)
 
 
-def model_options(f):
-    """Options shared by every command that runs the model."""
-    for option in reversed([
-        click.option("--model", "model", metavar="DIR", help="Exported model directory "
-                     "(default: $MOLMOCAP_MODEL, else the embedded demo model)."),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+def _options(options: list) -> Callable:
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+# Where the model comes from and where it runs: every command that loads one.
+engine_options = _options([
+    click.option("--model", "model", metavar="DIR", help="Exported model directory "
+                 "(default: $MOLMOCAP_MODEL, else the embedded demo model)."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads for ONNX Runtime (default: all cores)."),
+    click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+                 help="Where to run: auto uses CUDA when onnxruntime-gpu is installed."),
+])
+
+
+def generation_options(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Callable:
+    """--max-new-tokens and --max-crops, the generation options of a `Request`."""
+    return _options([
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=max_new_tokens, show_default=True,
                      help="Stop after this many generated tokens."),
         click.option("--max-crops", type=click.IntRange(1, MAX_CROPS), default=None,
                      help=f"High-resolution crops per image, at most {MAX_CROPS} "
                           "(default: the model's, 8 for Molmo2)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads for ONNX Runtime (default: all cores)."),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-                     help="Where to run: auto uses CUDA when onnxruntime-gpu is installed."),
-        click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line."),
-        click.option("--stream", is_flag=True, help="Print the text as it is generated."),
-        click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache "
-                     "($MOLMOCAP_CACHE_DIR, default ~/.cache/molmocap)."),
-    ]):
-        f = option(f)
-    return f
+    ])
 
 
-def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | None, max_new_tokens: int,
-               max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
-               style: str | None = None, lang: str | None = None, no_cache: bool = False, write_xmp: bool = False,
+# Options shared by caption and ask.
+model_options = _options([
+    engine_options,
+    generation_options(),
+    click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line."),
+    click.option("--stream", is_flag=True, help="Print the text as it is generated."),
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache "
+                 "($MOLMOCAP_CACHE_DIR, default ~/.cache/molmocap)."),
+])
+
+
+def run_images(images: tuple[str, ...], requests: list[Request], model: str | None, threads: int | None,
+               device: str, as_json: bool, stream: bool, no_cache: bool = False, write_xmp: bool = False,
                force: bool = False) -> None:
-    """Answer every prompt about each image in turn, streaming: each image is read, checked and decoded just before
+    """Answer every request about each image in turn, streaming: each image is read, checked and decoded just before
     its turn, so memory does not grow with the number of images and the first answer comes at once.
 
     With several images a bad one (unreadable, corrupt, its prompt too long, a sidecar it must not replace) is
     reported as one `error:` line and the others go on; the command then ends with exit status 2, as `-o` does.
-    With one image its error is the command's. Several prompts about one image share its vision encoding and the
+    With one image its error is the command's. Several questions about one image share its vision encoding and the
     KV cache of the image prefix. Results come from the result cache when it has them (the model is then not even
     loaded).
     """
@@ -81,19 +100,17 @@ def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | 
     from molmocap.runtime.cache import ResultCache
     from molmocap.runtime.files import remove_leftovers
     from molmocap.runtime.image_io import load_image
-    from molmocap.runtime.styles import StyleOutputError, finish
+    from molmocap.runtime.styles import StyleOutputError
     from molmocap.runtime.xmp import check_sidecar, sidecar_path, write_sidecar
 
     if as_json and stream:
         raise click.UsageError("--json and --stream cannot be combined")
-    if stream and style in ("alt", "seo", "tags"):
-        raise click.UsageError(f"--stream prints raw text; --style {style} cleans the whole answer afterwards")
-    captioner = Runner(resolve_model(model), max_new_tokens, max_crops, style, threads=threads, device=device,
-                       cache=None if no_cache else ResultCache())
-    if style and prompts == [None]:
-        prompts = [captioner.style_prompt(style, lang)]
-    demo = is_demo_model(captioner.manifest)
-    several = len(images) * len(prompts) > 1
+    reshaped = next((r for r in requests if r.reshaped), None)
+    if stream and reshaped is not None:
+        raise click.UsageError(f"--stream prints raw text; --style {reshaped.style} cleans the whole answer afterwards")
+    runner = Runner(resolve_model(model), threads=threads, device=device, cache=None if no_cache else ResultCache())
+    demo = is_demo_model(runner.manifest)
+    several = len(images) * len(requests) > 1
     failed = 0
     if write_xmp:
         remove_leftovers(sidecar_path(path) for path in images)  # of an earlier run killed mid-write
@@ -102,35 +119,31 @@ def run_images(images: tuple[str, ...], prompts: list[str | None], model: str | 
             image, digest = load_image(path), file_sha256(path)
             if write_xmp:
                 check_sidecar(path, force)
-            for prompt in prompts:
-                label = (f"{path}: " if len(prompts) == 1 else f"{path}: {prompt}: " if len(images) > 1
+            for request in requests:
+                prompt = request.prompt_for(runner.manifest)
+                label = (f"{path}: " if len(requests) == 1 else f"{path}: {prompt}: " if len(images) > 1
                          else f"{prompt}: ")
+                on_text = None
                 if stream:
                     click.echo(label if several else "", nl=False)
-                    try:
-                        result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1,
-                                                    on_text=lambda piece: click.echo(piece, nl=False))
-                    finally:
+                    on_text = lambda piece: click.echo(piece, nl=False)  # noqa: E731
+                try:
+                    answer = runner.answer(image, digest, request, on_text, reuse_image=len(requests) > 1)
+                finally:
+                    if stream:
                         click.echo()
-                    if write_xmp:
-                        write_sidecar(path, result.text, captioner.model_id, force)
-                    continue
-                result = captioner.generate(image, digest, prompt, reuse_image=len(prompts) > 1)
-                value = finish(style, result.text) if style else result.text
                 if write_xmp:
-                    write_sidecar(path, value, captioner.model_id, force)
-                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                    write_sidecar(path, answer.value, runner.model_id, force)
+                if stream:
+                    continue
                 if as_json:
-                    row = {"image": path, "prompt": prompt, "text": text, "token_ids": result.token_ids,
-                           "prompt_tokens": result.prompt_tokens,
-                           "timings": rounded_timings(result.timings), "demo_model": demo}
-                    if style:
-                        row.update(style=style, raw_text=result.text)
-                        if not isinstance(value, str):
-                            row["data"] = value
+                    result = answer.result
+                    row = {"image": path, "prompt": prompt, **answer.fields(), "token_ids": result.token_ids,
+                           "prompt_tokens": result.prompt_tokens, "timings": rounded_timings(result.timings),
+                           "demo_model": demo}
                     click.echo(json.dumps(row, ensure_ascii=False))
                 else:
-                    click.echo(label + text if several else text)
+                    click.echo(label + answer.text if several else answer.text)
         except (InputError, StyleOutputError) as exc:
             if len(images) == 1:
                 raise
@@ -235,7 +248,8 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
 @model_options
 def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, out: Path | None,
             fmt: str | None, write_xmp: bool, force: bool, write_txt: bool, caption_ext: str, prefix: str,
-            skip_existing: bool, overwrite: bool, pages: str | None, **options) -> None:
+            skip_existing: bool, overwrite: bool, pages: str | None, max_new_tokens: int, max_crops: int | None,
+            **options) -> None:
     """Caption IMAGES: files, directories (searched recursively) or quoted glob patterns ("photos/**/*.jpg").
     PDFs among them are captioned page by page (needs the pdf extra: pip install "molmocap[pdf]").
 
@@ -247,8 +261,7 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
     from molmocap.runtime.caption_files import CaptionFiles
     from molmocap.runtime.documents import is_pdf, parse_pages, require_renderer
 
-    if lang and not style and not prompt:
-        style = "short"
+    request = Request(prompt, None if prompt else style, None if prompt else lang, max_new_tokens, max_crops)
     if fmt and out is None:
         raise click.UsageError("--format applies to the results file: give -o FILE")
     if force and not write_xmp:
@@ -269,16 +282,14 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
     if out is not None or write_txt or documents:
         mode = "skip" if skip_existing else "overwrite" if overwrite else "refuse"
         captions = CaptionFiles(caption_ext, prefix, mode) if write_txt else None
-        caption_to_file(paths, out, fmt, prompt, None if prompt else style, lang, write_xmp, force,
-                        captions=captions, pages=ranges, prefix=prefix, **options)
+        caption_to_file(paths, out, fmt, request, write_xmp, force, captions=captions, pages=ranges, prefix=prefix,
+                        **options)
         return
-    run_images(tuple(paths), [prompt], style=None if prompt else style, lang=lang, write_xmp=write_xmp,
-               force=force, **options)
+    run_images(tuple(paths), [request], write_xmp=write_xmp, force=force, **options)
 
 
-def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt: str | None, style: str | None,
-                    lang: str | None, write_xmp: bool, force: bool, model: str | None, max_new_tokens: int,
-                    max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
+def caption_to_file(images: list[str], out: Path | None, fmt: str | None, request: Request, write_xmp: bool,
+                    force: bool, model: str | None, threads: int | None, device: str, as_json: bool, stream: bool,
                     no_cache: bool, captions: CaptionFiles | None = None,
                     pages: list[tuple[int, int | None]] | None = None, prefix: str = "") -> None:
     """`caption -o`, `--write-txt` and PDFs: a resumable batch into a results file (without -o, the rows that
@@ -294,10 +305,7 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt
     fmt = output_format(out, fmt) if out is not None else "jsonl"
     if fmt == "imagefolder":
         check_imagefolder(images, out)
-    runner = Runner(resolve_model(model), max_new_tokens, max_crops, style, threads=threads, device=device,
-                    cache=None if no_cache else ResultCache())
-    if style and prompt is None:
-        prompt = runner.style_prompt(style, lang)
+    runner = Runner(resolve_model(model), threads=threads, device=device, cache=None if no_cache else ResultCache())
 
     tty = sys.stderr.isatty()
     clear_bar = "\r\x1b[K" if tty else ""  # an error line replaces the progress bar, which redraws below it
@@ -316,10 +324,10 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt
              "on_row": show if out is None else None}
     if tty:
         with click.progressbar(length=len(images), label="captioning", file=sys.stderr) as bar:
-            summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force,
+            summary = run_batch(images, runner, request, out, fmt, write_xmp, force,
                                 on_progress=lambda _: bar.update(1), **batch)
     else:
-        summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force, **batch)
+        summary = run_batch(images, runner, request, out, fmt, write_xmp, force, **batch)
     printing = out is None and captions is None  # rows on stdout, as without PDFs: no summary line
     done = f"already in {out}" if out is not None else "already done"
     items = "images and pages" if pages is not None or any(is_pdf(path) for path in images) else "images"
@@ -340,7 +348,8 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt
 @click.option("-q", "--question", "questions", multiple=True, help="A question; repeat to ask several, "
               "which share the image encoding and the image's KV cache.")
 @model_options
-def ask(image: str, question: str | None, questions: tuple[str, ...], **options) -> None:
+def ask(image: str, question: str | None, questions: tuple[str, ...], max_new_tokens: int, max_crops: int | None,
+        **options) -> None:
     """Answer QUESTION (or each -q QUESTION) about IMAGE.
 
     Examples: molmocap ask photo.jpg "How many dogs are there?";
@@ -351,7 +360,7 @@ def ask(image: str, question: str | None, questions: tuple[str, ...], **options)
         raise click.UsageError("give a QUESTION or at least one -q QUESTION")
     if any(not q.strip() for q in asked):
         raise InputError("the question is empty")
-    run_images((image,), asked, **options)
+    run_images((image,), [Request(q, max_new_tokens=max_new_tokens, max_crops=max_crops) for q in asked], **options)
 
 
 @main.command()
@@ -359,15 +368,8 @@ def ask(image: str, question: str | None, questions: tuple[str, ...], **options)
 @click.argument("label")
 @click.option("--draw", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="OUT.png",
               help="Also save the image with the points marked (.png, .jpg or .webp).")
-@click.option("--model", "model", metavar="DIR", help="Exported model directory "
-              "(default: $MOLMOCAP_MODEL, else the embedded demo model).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Stop after this many generated tokens.")
-@click.option("--max-crops", type=click.IntRange(1, MAX_CROPS), default=None,
-              help=f"High-resolution crops, at most {MAX_CROPS}.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for ONNX Runtime.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where to run: auto uses CUDA when onnxruntime-gpu is installed.")
+@engine_options
+@generation_options(POINT_MAX_NEW_TOKENS)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: count, points in pixels, raw text.")
 def point(image: str, label: str, draw: Path | None, model: str | None, max_new_tokens: int,
           max_crops: int | None, threads: int | None, device: str, as_json: bool) -> None:
@@ -379,13 +381,13 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
     from molmocap.runtime.image_io import load_image
     from molmocap.runtime.pointing import check_draw_target, draw_points, parse_points, point_prompt
 
-    prompt = point_prompt(label)
+    request = Request(point_prompt(label), max_new_tokens=max_new_tokens, max_crops=max_crops)
     picture = load_image(image)
     if draw is not None:
         check_draw_target(draw)
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
     demo = is_demo_model(captioner.manifest)
-    result = captioner.generate(picture, prompt, max_new_tokens, max_crops)
+    result = captioner.answer(picture, request).result
     points = parse_points(result.text, *picture.size)
     if draw is not None:
         draw_points(picture, points, draw)
@@ -406,12 +408,7 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
 @click.option("--api-key", envvar="MOLMOCAP_API_KEY", default=None, metavar="KEY",
               help="Require `Authorization: Bearer KEY` on every route but /health and the Ollama probes / and "
               "/api/version (default: $MOLMOCAP_API_KEY).")
-@click.option("--model", "model", metavar="DIR", help="Exported model directory "
-              "(default: $MOLMOCAP_MODEL, else the embedded demo model).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for ONNX Runtime (default: all cores).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where to run: auto uses CUDA when onnxruntime-gpu is installed.")
+@engine_options
 @click.option("--max-request-mb", type=click.IntRange(min=1), default=20, show_default=True,
               help="Largest request body accepted, in MiB (413 beyond it).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,

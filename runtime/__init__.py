@@ -2,5 +2,6 @@
 
 from .captioner import Captioner, Result
 from .errors import ExportError, InputError, ModelError, MolmocapError
+from .request import Answer, Request
 
-__all__ = ["Captioner", "Result", "MolmocapError", "InputError", "ModelError", "ExportError"]
+__all__ = ["Answer", "Captioner", "Request", "Result", "MolmocapError", "InputError", "ModelError", "ExportError"]

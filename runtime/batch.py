@@ -25,15 +25,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import CachedResult, ResultCache, result_key
+from .cache import CachedResult, ResultCache
 from .caption_files import CaptionFiles
-from .captioner import DEFAULT_MAX_NEW_TOKENS, Captioner, EncodedImage, ImageSource, Result
+from .captioner import Captioner, EncodedImage, ImageSource, Result
 from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, select_pages
 from .errors import InputError
 from .files import remove_leftovers, replace_atomically, sha256_file
 from .manifest import load_manifest
-from .preprocess import PreprocessConfig
-from .styles import StyleOutputError, finish, style_prompt
+from .request import Answer, Request
+from .styles import StyleOutputError
 from .xmp import sidecar_fields, sidecar_path, write_sidecar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -107,38 +107,25 @@ class Runner:
     """A model behind the result cache: its sessions are opened only when the cache lacks a result.
 
     Its files are checked against the manifest's sha256s on construction (`load_manifest`), so a damaged model is
-    refused before any cached answer for it is served.
-
-    The run's settings (max_new_tokens, max_crops, style) are fixed; each call names an image, the sha256 of its
-    file and a prompt. A cache hit comes back with timings `{"cached": True, "total_s": lookup seconds}`; a
-    computed result has the captioner's timings plus `"cached": False`.
+    refused before any cached answer for it is served. Each call names an image, the sha256 of its file and a
+    `Request`, which decides the prompt, the options and the cache key. A cache hit comes back with timings
+    `{"cached": True, "total_s": lookup seconds}`; a computed result has the captioner's timings plus
+    `"cached": False`.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 max_crops: int | None = None, style: str | None = None, threads: int | None = None,
-                 device: str = "cpu", cache: ResultCache | None = None) -> None:
+    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None, device: str = "cpu",
+                 cache: ResultCache | None = None) -> None:
         self.manifest = load_manifest(model_dir)
         self.model_id = self.manifest.model_id
         self.model_label = str(self.manifest.data.get("source") or Path(model_dir).resolve().name)
-        self.style = style
-        default_crops = PreprocessConfig.from_dict(self.manifest.preprocess).max_crops
-        self.options = {"max_new_tokens": max_new_tokens, "max_crops": max_crops or default_crops, "style": style}
         self.cache = cache
         self._threads, self._device = threads, device
         self._captioner: Captioner | None = None
-        self._encoded: tuple[str, EncodedImage] | None = None
+        self._encoded: tuple[str, int | None, EncodedImage] | None = None
 
-    def style_prompt(self, style: str, lang: str | None = None) -> str:
-        """The instruction for a caption style, with the model's own phrasing where its manifest has one."""
-        return style_prompt(style, lang, self.manifest.prompt.get("styles"))
-
-    def prompt(self, prompt: str | None) -> str:
-        """The prompt actually sent: `prompt`, or the model's caption prompt for None."""
-        return self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
-
-    def key(self, image_sha256: str, prompt: str | None) -> str:
-        """The result key of an image and prompt under this model and these options."""
-        return result_key(image_sha256, self.model_id, self.prompt(prompt), self.options)
+    def key(self, image_sha256: str, request: Request) -> str:
+        """The result key of `request` about an image under this model."""
+        return request.key(image_sha256, self.manifest)
 
     def load(self) -> Captioner:
         """The captioner, opening the model's sessions on first use."""
@@ -146,35 +133,37 @@ class Runner:
             self._captioner = Captioner(self.manifest, threads=self._threads, device=self._device)
         return self._captioner
 
-    def generate(self, image: ImageSource, image_sha256: str, prompt: str | None,
-                 on_text: Callable[[str], None] | None = None, reuse_image: bool = False) -> Result:
-        """The result for `image` (whose file hashes to `image_sha256`) and `prompt`, from the cache or the model.
+    def answer(self, image: ImageSource, image_sha256: str, request: Request,
+               on_text: Callable[[str], None] | None = None, reuse_image: bool = False) -> Answer:
+        """The answer to `request` about `image` (whose file hashes to `image_sha256`), from the cache or the model.
 
         With `reuse_image`, consecutive calls for the same image share its vision encoding and image-prefix KV
-        cache (for several questions about one image).
+        cache (for several questions about one image). A JSON style's answer that cannot be repaired raises
+        `StyleOutputError`.
         """
         t0 = time.perf_counter()
-        prompt = self.prompt(prompt)
-        key = self.key(image_sha256, prompt)
+        key = self.key(image_sha256, request)
         hit = self.cache.get(key) if self.cache is not None else None
         if hit is not None:
             if on_text is not None:
                 on_text(hit.text)
-            return Result(hit.text, hit.token_ids, hit.prompt_tokens,
-                          {"cached": True, "total_s": time.perf_counter() - t0})
+            return request.answer(Result(hit.text, hit.token_ids, hit.prompt_tokens,
+                                         {"cached": True, "total_s": time.perf_counter() - t0}))
         captioner = self.load()
-        max_new_tokens, max_crops = self.options["max_new_tokens"], self.options["max_crops"]
         if reuse_image:
-            if self._encoded is None or self._encoded[0] != image_sha256:
-                self._encoded = (image_sha256, captioner.encode_image(image, max_crops))
-            result = captioner.generate(self._encoded[1], prompt, max_new_tokens, on_text=on_text)
+            if self._encoded is None or self._encoded[:2] != (image_sha256, request.max_crops):
+                self._encoded = (image_sha256, request.max_crops, captioner.encode_image(image, request.max_crops))
+            result = captioner.generate(self._encoded[2], request.prompt_for(self.manifest), request.max_new_tokens,
+                                        on_text=on_text)
         else:
-            result = captioner.generate(image, prompt, max_new_tokens, max_crops, on_text=on_text)
+            result = captioner.generate(image, request.prompt_for(self.manifest), request.max_new_tokens,
+                                        request.max_crops, on_text=on_text)
         result.timings["cached"] = False
         if self.cache is not None:
-            self.cache.put(key, image_sha256, self.model_id, self.model_label, prompt, self.options,
+            self.cache.put(key, image_sha256, self.model_id, self.model_label, request.prompt_for(self.manifest),
+                           request.options_for(self.manifest),
                            CachedResult(result.text, result.token_ids, result.prompt_tokens))
-        return result
+        return request.answer(result)
 
 
 def output_format(path: str | os.PathLike, fmt: str | None) -> str:
@@ -400,12 +389,12 @@ class _NoResults:
         pass
 
 
-def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str | os.PathLike | None, fmt: str,
+def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str | os.PathLike | None, fmt: str,
               write_xmp: bool = False, force: bool = False, on_error: Callable[[str], None] | None = None,
               on_progress: Callable[[str], None] | None = None, captions: CaptionFiles | None = None,
               pages: list[tuple[int, int | None]] | None = None, prefix: str = "",
               on_row: Callable[[dict], None] | None = None) -> Summary:
-    """Caption `paths` (images and PDFs) with `prompt` into the results file `out`, skipping the items it holds.
+    """Answer `request` about `paths` (images and PDFs) into the results file `out`, skipping the items it holds.
 
     Without `out` nothing is kept but the caption files and sidecars; `on_row` receives every row that succeeded.
     A failure of one item (an `InputError`: unreadable, corrupt, prompt too long, a sidecar or caption file it must
@@ -432,7 +421,7 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
         def fail(item: dict, sha: str | None, key: str | None, exc: Exception) -> None:
             summary.failed += 1
             if fmt != "imagefolder":
-                results.append(_row(item, sha, key, runner, prompt, error=str(exc)))
+                results.append(_row(item, sha, key, runner, request, error=str(exc)))
             if on_error is not None:
                 on_error(str(exc))
 
@@ -441,28 +430,27 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
             summary.total += 1
             key = None
             try:
-                key = runner.key(sha, prompt)
+                key = runner.key(sha, request)
                 path = item.get("image")
                 if (resume or key) in done or (captions is not None and captions.skip(path, key)):
                     summary.skipped += 1
                     return
-                result = runner.generate(image(), sha, prompt)
-                value = finish(runner.style, result.text) if runner.style else result.text
+                answer = runner.answer(image(), sha, request)
                 if write_xmp:
-                    write_sidecar(path, value, runner.model_id, force)
+                    write_sidecar(path, answer.value, runner.model_id, force)
                 if captions is not None:
-                    captions.write(path, value, key)
+                    captions.write(path, answer.value, key)
             except (InputError, StyleOutputError) as exc:
                 fail(item, sha, key, exc)
                 return
-            if result.timings["cached"]:
+            if answer.result.timings["cached"]:
                 summary.cached += 1
             else:
                 summary.computed += 1
             if fmt == "imagefolder":
-                row = {"file_name": resume, "text": prefix + sidecar_fields(value)[0]}
+                row = {"file_name": resume, "text": prefix + sidecar_fields(answer.value)[0]}
             else:
-                row = _row(item, sha, key, runner, prompt, result, value)
+                row = _row(item, sha, key, runner, request, answer)
             results.append(row)
             if on_row is not None:
                 on_row(row)
@@ -508,19 +496,15 @@ def _caption_document(path: str, pages: list[tuple[int, int | None]] | None, cap
             caption({"source": path, "page": page}, lambda page=page: document.render(page), page_identity(sha, page))
 
 
-def _row(item: dict, sha: str | None, key: str | None, runner: Runner, prompt: str | None,
-         result: Result | None = None, value: str | list | dict | None = None, error: str | None = None) -> dict:
-    """A results row for `item` (`{"image": path}` or `{"source": pdf, "page": n}`); with a style, `text` is the
-    cleaned answer (JSON text for seo and tags, also under `data`) and `raw_text` what the model said. A page's
-    `sha256` is its PDF's."""
+def _row(item: dict, sha: str | None, key: str | None, runner: Runner, request: Request,
+         answer: Answer | None = None, error: str | None = None) -> dict:
+    """A results row for `item` (`{"image": path}` or `{"source": pdf, "page": n}`) with the answer's fields (see
+    `Answer.fields`). A page's `sha256` is its PDF's."""
     row: dict = {**item, "sha256": sha.partition("#")[0] if sha else sha, "key": key, "model": runner.model_id,
-                 "prompt": runner.prompt(prompt), "options": runner.options}
-    if result is not None:
-        row["text"] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        if runner.style:
-            row["raw_text"] = result.text
-            if not isinstance(value, str):
-                row["data"] = value
+                 "prompt": request.prompt_for(runner.manifest), "options": request.options_for(runner.manifest)}
+    if answer is not None:
+        result = answer.result
+        row.update(answer.fields())
         row.update(token_ids=result.token_ids, prompt_tokens=result.prompt_tokens,
                    timings=rounded_timings(result.timings))
     row["error"] = error

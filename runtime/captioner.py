@@ -18,15 +18,12 @@ from .image_io import load_image
 from .manifest import Manifest, load_manifest
 from .preprocess import ImageInputs, PreprocessConfig, preprocess, token_grid
 from .prompt import encode, prompt_text
+from .request import DEFAULT_MAX_NEW_TOKENS, Answer, Request
 from .sessions import open_components
 from .streaming import TextStream
-from .styles import style_prompt
 from .vision import encode_image
 
 ImageSource = str | os.PathLike | bytes | Image.Image
-
-# Answer length when none is asked for: the Python API, the CLI, batch and every server route use this one value.
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -93,10 +90,6 @@ class Captioner:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         (embeds,) = self.embed_session.run(None, {"input_ids": ids})
         return embeds
-
-    def style_prompt(self, style: str, lang: str | None = None) -> str:
-        """The instruction for a caption style, with this model's own phrasing where its manifest has one."""
-        return style_prompt(style, lang, self.manifest.prompt.get("styles"))
 
     def encode_image(self, image: ImageSource, max_crops: int | None = None) -> EncodedImage:
         """Preprocess and run the vision encoder once, for several questions about the same image.
@@ -191,10 +184,19 @@ class Captioner:
         })
         return Result(text=text_out, token_ids=tokens, prompt_tokens=len(ids), timings=timings)
 
+    def answer(self, image: ImageSource | EncodedImage, request: Request | None = None,
+               on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer `request` (default: the model's caption) about `image`, in the request's shape: e.g.
+        `captioner.answer("photo.jpg", Request(style="alt")).text`, or `.value` for the seo/tags styles' JSON."""
+        request = request or Request()
+        result = self.generate(image, request.prompt_for(self.manifest), request.max_new_tokens, request.max_crops,
+                               on_text)
+        return request.answer(result)
+
     def _prepare(self, image: ImageSource | EncodedImage, prompt: str | None,
                  max_crops: int | None) -> tuple[EncodedImage, dict[str, float], np.ndarray]:
         """The encoded image, the time its encoding took and the prompt's token ids (checked before vision runs)."""
-        prompt = self.manifest.prompt["default_caption_prompt"] if prompt is None else prompt
+        prompt = Request().prompt_for(self.manifest) if prompt is None else prompt
         if isinstance(image, EncodedImage):
             if max_crops is not None:
                 raise InputError("max_crops is chosen when the image is encoded, not per question")

@@ -23,9 +23,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from molmocap.runtime import Captioner, InputError, MolmocapError, Result
-from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
 from molmocap.runtime.demo import DEMO_MODEL_NAME, DEMO_NOTICE, is_demo_model
-from molmocap.runtime.styles import STYLES, StyleOutputError, finish
+from molmocap.runtime.request import Answer
+from molmocap.runtime.request import Request as ModelRequest
+from molmocap.runtime.styles import StyleOutputError
 
 from . import ollama, openai_compat
 from .metrics import Metrics
@@ -33,8 +34,8 @@ from .payloads import (
     DEFAULT_MAX_REQUEST_BYTES,
     ApiError,
     decode_image,
+    model_request,
     optional_int,
-    optional_max_crops,
     optional_str,
     read_json,
 )
@@ -131,23 +132,15 @@ class _Server:
 
     async def caption(self, request: Request) -> Response:
         body = await self._body(request, CAPTION_FIELDS)
-        prompt, style, lang = optional_str(body, "prompt"), optional_str(body, "style"), optional_str(body, "lang")
-        if style is not None and style not in STYLES:
-            raise ApiError(400, f"unknown style {style!r}; choose one of {', '.join(STYLES)}", param="style")
-        if prompt is not None and (style or lang):
-            raise ApiError(400, "give either prompt or style/lang, not both", param="prompt")
-        if lang and not style:
-            style = "short"
-        if style:
-            prompt = self.captioner.style_prompt(style, lang)
-        return await self._answer(request, body, prompt, style)
+        return await self._answer(request, body, optional_str(body, "prompt"), optional_str(body, "style"),
+                                  optional_str(body, "lang"))
 
     async def ask(self, request: Request) -> Response:
         body = await self._body(request, ASK_FIELDS)
         prompt = optional_str(body, "prompt")
         if prompt is None:
             raise ApiError(400, "/v1/ask needs a prompt: the question about the image", param="prompt")
-        return await self._answer(request, body, prompt, None)
+        return await self._answer(request, body, prompt)
 
     async def _body(self, request: Request, fields: tuple[str, ...]) -> dict:
         body = await read_json(request, self.max_request_bytes)
@@ -157,45 +150,32 @@ class _Server:
                                 f"{', '.join(fields)}", param=unknown[0])
         return body
 
-    async def _answer(self, request: Request, body: dict, prompt: str | None, style: str | None) -> Response:
+    async def _answer(self, request: Request, body: dict, prompt: str | None, style: str | None = None,
+                      lang: str | None = None) -> Response:
         """Run the model for /v1/caption and /v1/ask and answer in the hosted Molmo API's shape."""
-        max_new_tokens = optional_int(body, "max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
-        max_crops = optional_max_crops(body)
-        image = await self._image(decode_image(body.get("image")), "image")
-        result = await self._generate(image, prompt, max_new_tokens, max_crops, request.is_disconnected)
-        answer: dict = {"text": result.text}
-        if style:
-            try:
-                value = finish(style, result.text)
-            except StyleOutputError as exc:
-                raise ApiError(500, str(exc), type="server_error", code="style_output_error") from None
-            answer = {"text": value if isinstance(value, str) else json.dumps(value, ensure_ascii=False),
-                      "style": style, "raw_text": result.text}
-            if not isinstance(value, str):
-                answer["data"] = value
-        answer.update(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids),
-                      finish_reason=finish_reason(result, max_new_tokens, self.captioner.max_positions),
-                      timings={k: round(v, 4) for k, v in result.timings.items()})
-        return JSONResponse(answer)
+        asked = model_request(body, prompt=prompt, style=style, lang=lang,
+                              max_new_tokens=optional_int(body, "max_new_tokens"))
+        image = self.image(decode_image(body.get("image")), "image")
+        answer = await self.answer(image, asked, request.is_disconnected)
+        result = answer.result
+        return JSONResponse({**answer.fields(), "prompt_tokens": result.prompt_tokens,
+                             "completion_tokens": len(result.token_ids),
+                             "finish_reason": self.finish_reason(asked, result),
+                             "timings": {k: round(v, 4) for k, v in result.timings.items()}})
 
     async def chat_completions(self, request: Request) -> Response:
         chat = openai_compat.parse_chat_request(await read_json(request, self.max_request_bytes), self.model_name)
-        image = await self._image(chat.image, "image_url")
+        image = self.image(chat.image, "image_url")
         completion_id = openai_compat.new_completion_id()
         if not chat.stream:
-            result = await self._generate(image, chat.prompt, chat.max_new_tokens, chat.max_crops,
-                                          request.is_disconnected)
-            reason = finish_reason(result, chat.max_new_tokens, self.captioner.max_positions)
-            return JSONResponse(openai_compat.completion(completion_id, chat, result, reason))
-        events = self.worker.stream(image, chat.prompt, chat.max_new_tokens, chat.max_crops, request.is_disconnected)
-        try:
-            first = await anext(events)
-        except Exception as exc:  # noqa: BLE001 - errors before the first token get a proper status code
-            raise _runtime_error(exc) from None
-        return StreamingResponse(self._sse(chat, completion_id, first, events), media_type="text/event-stream",
+            answer = await self.answer(image, chat.request, request.is_disconnected)
+            reason = self.finish_reason(chat.request, answer.result)
+            return JSONResponse(openai_compat.completion(completion_id, chat, answer, reason))
+        events = await self.stream(image, chat.request, request.is_disconnected)
+        return StreamingResponse(self._sse(chat, completion_id, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, chat: openai_compat.ChatRequest, completion_id: str, first: str | Result,
+    async def _sse(self, chat: openai_compat.ChatRequest, completion_id: str,
                    events: AsyncIterator[str | Result]) -> AsyncIterator[str]:
         """OpenAI's stream: a role chunk, content chunks, a finish chunk, optionally usage, then [DONE]."""
 
@@ -204,35 +184,68 @@ class _Server:
 
         try:
             yield event(openai_compat.chunk(completion_id, chat, {"role": "assistant", "content": ""}))
-            item = first
-            while isinstance(item, str):
-                yield event(openai_compat.chunk(completion_id, chat, {"content": item}))
-                item = await anext(events)
-            self._count_tokens(item)
-            reason = finish_reason(item, chat.max_new_tokens, self.captioner.max_positions)
-            yield event(openai_compat.chunk(completion_id, chat, {}, reason))
-            if chat.include_usage:
-                yield event(openai_compat.chunk(completion_id, chat, None, result=item))
+            async for item in events:
+                if isinstance(item, str):
+                    yield event(openai_compat.chunk(completion_id, chat, {"content": item}))
+                    continue
+                yield event(openai_compat.chunk(completion_id, chat, {}, self.finish_reason(chat.request, item)))
+                if chat.include_usage:
+                    yield event(openai_compat.chunk(completion_id, chat, None, result=item))
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream, as OpenAI does
             yield event(_runtime_error(exc).body())
         finally:
             await events.aclose()
 
-    async def _image(self, data: bytes, param: str) -> ImageData:
+    def image(self, data: bytes, param: str) -> ImageData:
         """The image, to be decoded on the model thread just before its generation: then one decoded image (up to
         `MAX_PIXELS`) is in memory however many requests wait, and decoding never runs on the event loop."""
         return ImageData(data, param)
 
-    async def _generate(self, image: ImageData, prompt: str | None, max_new_tokens: int, max_crops: int | None,
-                        gone: Gone | None = None) -> Result:
-        """The whole result; `gone` (the request's `is_disconnected`) lets a client that left cancel it."""
+    async def answer(self, image: ImageData, asked: ModelRequest, gone: Gone | None = None) -> Answer:
+        """The whole answer to `asked`, in its shape; `gone` (the request's `is_disconnected`) lets a client that
+        left cancel it. A style or JSON format the answer cannot be held to is a 500."""
         try:
-            result = await self.worker.generate(image, prompt, max_new_tokens, max_crops, gone)
+            result = await self.worker.generate(image, asked.prompt_for(self.captioner.manifest),
+                                                asked.max_new_tokens, asked.max_crops, gone)
         except Exception as exc:  # noqa: BLE001 - mapped to a status code and a one-line message
             raise _runtime_error(exc) from None
         self._count_tokens(result)
-        return result
+        try:
+            return asked.answer(result)
+        except StyleOutputError as exc:
+            code = "format_error" if asked.json_format else "style_output_error"
+            raise ApiError(500, str(exc), type="server_error", code=code) from None
+
+    async def stream(self, image: ImageData, asked: ModelRequest, gone: Gone | None = None
+                     ) -> AsyncIterator[str | Result]:
+        """The text pieces of the answer to `asked` as they come, then its `Result` (counted in the metrics). An
+        error before the first piece is raised here, as an `ApiError`, so that it gets its status code; a later one
+        is raised by the iterator."""
+        events = self.worker.stream(image, asked.prompt_for(self.captioner.manifest), asked.max_new_tokens,
+                                    asked.max_crops, gone)
+        try:
+            first = await anext(events)
+        except Exception as exc:  # noqa: BLE001 - errors before the first token get a proper status code
+            await events.aclose()
+            raise _runtime_error(exc) from None
+
+        async def counted() -> AsyncIterator[str | Result]:
+            try:
+                item = first
+                while isinstance(item, str):
+                    yield item
+                    item = await anext(events)
+                self._count_tokens(item)
+                yield item
+            finally:
+                await events.aclose()
+
+        return counted()
+
+    def finish_reason(self, asked: ModelRequest, result: Result) -> str:
+        """Why the generation of `result` ended: "stop" at a stop token, "length" at a token limit."""
+        return finish_reason(result, asked.max_new_tokens, self.captioner.max_positions)
 
     def _count_tokens(self, result: Result) -> None:
         self.metrics.add_tokens(result.prompt_tokens, len(result.token_ids))

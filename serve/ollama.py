@@ -28,11 +28,9 @@ from starlette.routing import Route
 from molmocap.runtime import Result
 from molmocap.runtime.info import plan_kinds
 from molmocap.runtime.manifest import MANIFEST_NAME
-from molmocap.runtime.styles import StyleOutputError, json_answer, json_format_prompt
 
-from .openai_compat import ChatRequest, model_request
-from .payloads import ApiError, read_json
-from .worker import ImageData, finish_reason
+from .openai_compat import ChatRequest, chat_request
+from .payloads import ApiError, model_request, read_json
 
 if TYPE_CHECKING:
     from .app import _Server
@@ -59,13 +57,11 @@ def error_body(error: ApiError) -> dict:
 
 @dataclass(frozen=True)
 class OllamaRequest:
-    """A generate or chat request: what the model is asked (None: Ollama's load request, with neither prompt nor
-    image, which only warms the model), and the JSON `format` the answer must have."""
+    """A generate or chat request: what the model is asked, with the JSON `format` its answer must have (None:
+    Ollama's load request, with neither prompt nor image, which only warms the model)."""
 
     ask: ChatRequest | None
     model: str
-    json_format: bool
-    schema: dict | None
     image_param: str = "images"
 
 
@@ -124,10 +120,10 @@ def _request(body: dict, default_model: str, max_positions: int, image: str | No
         raise ApiError(400, 'format must be "json" or a JSON schema object', param="format")
     model = model or default_model
     if image is None:
-        return OllamaRequest(None, model, False, None)
-    ask = model_request(image, image_param, prompt, _num_predict(options, max_positions), options, model,
-                        stream is not False)
-    return OllamaRequest(ask, model, bool(fmt), fmt if isinstance(fmt, dict) else None, image_param)
+        return OllamaRequest(None, model)
+    asked = model_request(options, _num_predict(options, max_positions), prompt=prompt, json_format=bool(fmt),
+                          schema=fmt if isinstance(fmt, dict) else None)
+    return OllamaRequest(chat_request(image, image_param, asked, model, stream is not False), model, image_param)
 
 
 def _num_predict(options: dict, max_positions: int) -> int | None:
@@ -263,51 +259,31 @@ class OllamaRoutes:
         head = {"model": parsed.model, "created_at": created_at()}
         if ask is None:
             return JSONResponse({**head, **piece(""), "done": True, "done_reason": "load"})
-        image = await server._image(ask.image, parsed.image_param)
-        prompt = ask.prompt
-        if parsed.json_format:
-            prompt = json_format_prompt(prompt or server.captioner.manifest.prompt["default_caption_prompt"],
-                                        parsed.schema)
-        if ask.stream and not parsed.json_format:
-            return await self._stream(request, ask, image, start, head, piece)
-        result = await server._generate(image, prompt, ask.max_new_tokens, ask.max_crops, request.is_disconnected)
-        text = result.text
-        if parsed.json_format:
-            try:
-                text = json.dumps(json_answer(text, parsed.schema), ensure_ascii=False)
-            except StyleOutputError as exc:
-                raise ApiError(500, str(exc), type="server_error", code="format_error") from None
-        reason = finish_reason(result, ask.max_new_tokens, server.captioner.max_positions)
-        final = {**head, **piece(""), **final_fields(result, reason, time.perf_counter() - start)}
+        image = server.image(ask.image, parsed.image_param)
+        if ask.stream and not ask.request.reshaped:
+            events = await server.stream(image, ask.request, request.is_disconnected)
+            return StreamingResponse(self._chunks(ask, start, head, piece, events), media_type=NDJSON,
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        answer = await server.answer(image, ask.request, request.is_disconnected)
+        reason = server.finish_reason(ask.request, answer.result)
+        final = {**head, **piece(""), **final_fields(answer.result, reason, time.perf_counter() - start)}
         if not ask.stream:
-            return JSONResponse({**final, **piece(text)})
+            return JSONResponse({**final, **piece(answer.text)})
         # a JSON answer is whole only once it is checked: one piece, then the statistics
-        return Response(_ndjson({**head, **piece(text), "done": False}) + _ndjson(final), media_type=NDJSON)
-
-    async def _stream(self, request: Request, ask: ChatRequest, image: ImageData, start: float, head: dict,
-                      piece: Callable[[str], dict]) -> Response:
-        events = self.server.worker.stream(image, ask.prompt, ask.max_new_tokens, ask.max_crops,
-                                           request.is_disconnected)
-        try:
-            first = await anext(events)
-        except Exception as exc:  # noqa: BLE001 - errors before the first token get a proper status code
-            raise self.runtime_error(exc) from None
-        return StreamingResponse(self._chunks(ask, start, head, piece, first, events), media_type=NDJSON,
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(_ndjson({**head, **piece(answer.text), "done": False}) + _ndjson(final), media_type=NDJSON)
 
     async def _chunks(self, ask: ChatRequest, start: float, head: dict, piece: Callable[[str], dict],
-                      first: str | Result, events: AsyncIterator[str | Result]) -> AsyncIterator[str]:
+                      events: AsyncIterator[str | Result]) -> AsyncIterator[str]:
         """One line per text piece (`done: false`), then the statistics (`done: true`); a failure once the status
         line is sent is an `{"error": ...}` line, as Ollama sends it."""
         try:
-            item = first
-            while isinstance(item, str):
-                yield _ndjson({**head, "created_at": created_at(), **piece(item), "done": False})
-                item = await anext(events)
-            self.server._count_tokens(item)
-            reason = finish_reason(item, ask.max_new_tokens, self.server.captioner.max_positions)
-            yield _ndjson({**head, "created_at": created_at(), **piece(""),
-                           **final_fields(item, reason, time.perf_counter() - start)})
+            async for item in events:
+                if isinstance(item, str):
+                    yield _ndjson({**head, "created_at": created_at(), **piece(item), "done": False})
+                    continue
+                reason = self.server.finish_reason(ask.request, item)
+                yield _ndjson({**head, "created_at": created_at(), **piece(""),
+                               **final_fields(item, reason, time.perf_counter() - start)})
         except Exception as exc:  # noqa: BLE001 - reported in the stream
             yield _ndjson(error_body(self.runtime_error(exc)))
         finally:

@@ -13,19 +13,18 @@ import uuid
 from dataclasses import dataclass
 
 from molmocap.runtime import Result
-from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
+from molmocap.runtime.request import Answer, Request
 
-from .payloads import ApiError, decode_image, optional_int, optional_max_crops
+from .payloads import ApiError, decode_image, model_request, optional_int
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What the model is asked: image bytes, prompt (None: the model's caption prompt) and limits."""
+    """A chat-shaped request (OpenAI's or Ollama's): the image bytes, what the model is asked, the model name the
+    client sent and how it wants the answer."""
 
     image: bytes
-    prompt: str | None
-    max_new_tokens: int
-    max_crops: int | None
+    request: Request
     model: str
     stream: bool
     include_usage: bool
@@ -66,23 +65,14 @@ def parse_chat_request(body: dict, default_model: str) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
-    return model_request(images[0], "image_url", prompt, max_tokens, body, model or default_model, bool(stream),
-                         include_usage=bool(stream) and options.get("include_usage") is True)
+    return chat_request(images[0], "image_url", model_request(body, max_tokens, prompt=prompt), model or default_model,
+                        bool(stream), include_usage=bool(stream) and options.get("include_usage") is True)
 
 
-def model_request(image: str, image_param: str, prompt: str, max_new_tokens: int | None, limits: dict, model: str,
-                  stream: bool, include_usage: bool = False) -> ChatRequest:
-    """What every chat-shaped route (OpenAI's, Ollama's) asks the model: the image decoded, a blank prompt meaning
-    the model's caption prompt, the default token limit, and `max_crops` from `limits` within its bound."""
-    return ChatRequest(
-        image=decode_image(image, param=image_param),
-        prompt=prompt if prompt.strip() else None,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        max_crops=optional_max_crops(limits),
-        model=model,
-        stream=stream,
-        include_usage=include_usage,
-    )
+def chat_request(image: str, image_param: str, asked: Request, model: str, stream: bool,
+                 include_usage: bool = False) -> ChatRequest:
+    """What every chat-shaped route (OpenAI's, Ollama's) asks, with its image decoded."""
+    return ChatRequest(decode_image(image, param=image_param), asked, model, stream, include_usage)
 
 
 def _message_parts(content: object, where: str, images: list[str]) -> list[str]:
@@ -127,16 +117,16 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def completion(completion_id: str, request: ChatRequest, result: Result, reason: str) -> dict:
+def completion(completion_id: str, request: ChatRequest, answer: Answer, reason: str) -> dict:
     """A `chat.completion` object."""
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
                      "finish_reason": reason}],
-        "usage": usage(result),
+        "usage": usage(answer.result),
     }
 
 

@@ -13,6 +13,8 @@ import re
 from starlette.requests import ClientDisconnect, Request
 
 from molmocap.runtime.preprocess import MAX_CROPS
+from molmocap.runtime.request import Request as ModelRequest
+from molmocap.runtime.request import RequestError
 
 DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
 
@@ -127,3 +129,15 @@ def optional_str(data: dict, name: str) -> str | None:
     if not value.strip():
         raise ApiError(400, f"{name} is empty", param=name)
     return value
+
+
+def model_request(limits: dict, max_new_tokens: int | None = None, **asked: object) -> ModelRequest:
+    """What a route asks the model (see `molmocap.runtime.request`), with `max_crops` read from `limits` (the body,
+    or Ollama's options) within its bound and a blank chat prompt meaning the model's caption prompt; a request the
+    runtime refuses is a 400 naming its field."""
+    if isinstance(asked.get("prompt"), str) and not asked["prompt"].strip():
+        asked["prompt"] = None
+    try:
+        return ModelRequest(max_new_tokens=max_new_tokens, max_crops=optional_max_crops(limits), **asked)
+    except RequestError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None

@@ -19,6 +19,7 @@ from conftest import CHECKPOINT_NAMES, HUB_LAYOUT, noise_image
 from molmocap.export.exporter import export
 from molmocap.runtime.errors import InputError
 from molmocap.runtime.manifest import load_manifest
+from molmocap.runtime.request import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,8 @@ def test_prompt_overrides_from_the_checkpoint(checkpoints, tmp_path):
     (src / "molmocap_prompts.json").write_text(json.dumps({"caption": "Caption:", "styles": {"short": "Short:"}}))
     captioner = Captioner.load(export(str(src), tmp_path / "out"), threads=1)
     assert captioner.manifest.prompt["default_caption_prompt"] == "Caption:"
-    assert captioner.style_prompt("short") == "Short:" and captioner.style_prompt("tags").startswith("List")
+    assert Request(style="short").prompt_for(captioner.manifest) == "Short:"
+    assert Request(style="tags").prompt_for(captioner.manifest).startswith("List")
     (src / "molmocap_prompts.json").write_text(json.dumps({"styles": {"poem": "Rhyme:"}}))
     with pytest.raises(Exception, match="poem"):
         export(str(src), tmp_path / "out2")

@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 
 from conftest import SERVER_KEY, noise_image
 from molmocap.runtime import Captioner, Result
+from molmocap.runtime.request import Request
 from molmocap.serve import create_app
 from molmocap.serve.worker import ModelWorker
 
@@ -98,7 +99,7 @@ def test_caption_styles(client, captioner):
     response = client.post("/v1/caption", json={"image": B64, "style": "tags", "max_new_tokens": 6})
     assert response.status_code == 200, response.text
     answer = response.json()
-    raw = captioner.generate(PNG, captioner.style_prompt("tags"), max_new_tokens=6).text
+    raw = captioner.generate(PNG, Request(style="tags").prompt_for(captioner.manifest), max_new_tokens=6).text
     assert answer["style"] == "tags" and answer["raw_text"] == raw
     assert isinstance(answer["data"], list) and json.loads(answer["text"]) == answer["data"]
     alt = client.post("/v1/caption", json={"image": B64, "style": "alt", "max_new_tokens": 4}).json()
