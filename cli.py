@@ -183,6 +183,12 @@ class MolmocapGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - a bug: one line, and the traceback only when asked for
+            if os.environ.get("MOLMOCAP_DEBUG"):
+                raise
+            click.echo(f"error: internal error ({type(exc).__name__}: {exc}); please report it with "
+                       "`molmocap info` (MOLMOCAP_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

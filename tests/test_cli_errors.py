@@ -12,6 +12,8 @@ sees); a few cases run as a real `python -m molmocap` process to cover the entry
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -147,3 +149,36 @@ def test_errors_of_a_real_process(files):
         assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], proc.stderr
+
+
+def test_a_bug_is_one_line_not_a_traceback():
+    """An exception no command expects (a bug) is still one line, exit 1; MOLMOCAP_DEBUG=1 gives the traceback."""
+    group = type(main)(name="molmocap")
+
+    @group.command()
+    def broken() -> None:
+        raise RuntimeError("something nobody planned for")
+
+    result = CliRunner().invoke(group, ["broken"], prog_name="molmocap")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "error: internal error (RuntimeError: something nobody planned for); please report it with `molmocap info` "
+        "(MOLMOCAP_DEBUG=1 shows the traceback)"]
+    debug = CliRunner().invoke(group, ["broken"], prog_name="molmocap", env={"MOLMOCAP_DEBUG": "1"})
+    assert isinstance(debug.exception, RuntimeError)
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(files, tmp_path):
+    """`molmocap caption DIR | head -1`: once the reader has gone, no BrokenPipeError traceback (click ends the
+    command with status 1 and silences the pipe; the catch-all for bugs must not turn it into an error line)."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):  # enough answers still to come once the reader has gone, however the two are scheduled
+        noise_image(40, 48, seed=i).save(folder / f"{i:02d}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "molmocap", "--quiet", "caption", str(folder), "--no-cache",
+                             "--max-new-tokens", "4"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1 and stderr == "", stderr
