@@ -41,7 +41,8 @@ from conditions import conditions, load_average, results_path, save, spread  # n
 from molmocap.runtime.files import replace_atomically  # noqa: E402
 
 
-def llama_round(binary: str, gguf: str, prompts: list[int], depths: list[int], tokens: int, threads: int) -> dict:
+def llama_round(binary: str, gguf: str, prompts: list[int], depths: list[int], tokens: int, threads: int,
+                prefill_only: bool = False) -> dict:
     """One llama-bench pass: prompt processing at each length, generation after each depth (tokens/s)."""
     def bench(*args: str) -> list[dict]:
         done = subprocess.run([binary, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json", *args],
@@ -51,8 +52,9 @@ def llama_round(binary: str, gguf: str, prompts: list[int], depths: list[int], t
     figures: dict = {}
     for row in bench("-p", ",".join(map(str, prompts)), "-n", "0"):
         figures[f"prefill_{row['n_prompt']}"] = row["avg_ts"]
-    for row in bench("-p", "0", "-n", str(tokens), "-d", ",".join(map(str, depths))):
-        figures[f"decode_at_{row['n_depth']}"] = row["avg_ts"]
+    if not prefill_only:
+        for row in bench("-p", "0", "-n", str(tokens), "-d", ",".join(map(str, depths))):
+            figures[f"decode_at_{row['n_depth']}"] = row["avg_ts"]
     return figures
 
 
@@ -89,13 +91,14 @@ def molmocap_round(model: str, prompts: list[int], depths: list[int], tokens: in
 
 def render(report: dict) -> str:
     """The side-by-side table and the ratios asked for, as markdown."""
-    keys = [k for k in next(iter(report["models"].values())) if k != "peak_rss_gb"]
+    keys = list(dict.fromkeys(k for figures in report["models"].values() for k in figures if k != "peak_rss_gb"))
     lines = [f"# molmocap vs llama.cpp, text decoder, {report['conditions']['date']}", "",
              f"`{report['conditions']['command']}`; {report['runs']} rounds, tokens/s median (min-max); "
              f"load average per round: {report['load_per_round']}", "",
              "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, figures in report["models"].items():
-        cells = [f"{f['median']:.1f} ({f['min']:.1f}-{f['max']:.1f})" for k, f in figures.items() if k in keys]
+        cells = [f"{figures[k]['median']:.1f} ({figures[k]['min']:.1f}-{figures[k]['max']:.1f})" if k in figures
+                 else "-" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Ratios of medians (same session):"]
     lines += [f"- {k}: {v}" for k, v in report["ratios"].items()]
@@ -113,13 +116,13 @@ def ratios(models: dict, prompts: list[int], depths: list[int]) -> dict:
             best = max(llama, key=lambda m: med[m][f"prefill_{n}"])
             out[f"int8 prefill {n} / {best}"] = round(med["molmocap int8"][f"prefill_{n}"] / med[best][f"prefill_{n}"],
                                                       2)
-    q4 = [m for m in llama if "Q4" in m]
+    q4 = [m for m in llama if "Q4" in m and f"decode_at_{depths[0]}" in med[m]]
     for depth in depths:
         if q4 and "molmocap int4" in med:
             best = max(q4, key=lambda m: med[m][f"decode_at_{depth}"])
             out[f"int4 decode at {depth} / {best}"] = round(
                 med["molmocap int4"][f"decode_at_{depth}"] / med[best][f"decode_at_{depth}"], 2)
-    for name in med:
+    for name in (m for m in med if f"decode_at_{depths[0]}" in med[m]):
         out[f"{name} decode at {depths[-1]} / at {depths[0]}"] = round(
             med[name][f"decode_at_{depths[-1]}"] / med[name][f"decode_at_{depths[0]}"], 2)
     return out
@@ -129,6 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
     parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--prefill-only", action="append", default=[], metavar="NAME",
+                        help="a --gguf measured for prompt processing only (e.g. BF16, whose generation is slow)")
     parser.add_argument("--molmocap", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--prompts", default="423,765")
     parser.add_argument("--depths", default="100,423,765")
@@ -150,7 +155,8 @@ def main() -> None:
         for spec in args.gguf:
             name, path = spec.split("=", 1)
             rounds.setdefault(f"llama.cpp {name}", []).append(
-                llama_round(args.llama_bench, path, prompts, depths, args.tokens, args.threads))
+                llama_round(args.llama_bench, path, prompts, depths, args.tokens, args.threads,
+                            name in args.prefill_only))
         for spec in args.molmocap:
             name, path = spec.split("=", 1)
             done = subprocess.run([sys.executable, __file__, "--child", path, "--prompts", args.prompts, "--depths",
