@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's usage statistics go to the internet: off unless asked
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import ray.data  # noqa: E402
@@ -29,18 +30,28 @@ PENDING_SCHEMA = pa.schema([("image", pa.string()), ("sha256", pa.string())])
 WORKERS_PER_HASHER = 8  # hashing tasks run beside the workers (no CPU reserved), one per this many workers
 
 
-def pending(batch: pa.Table, runner: Runner, prompt: str | None, done: frozenset[str], cwd: str) -> pa.Table:
-    """The images of `batch` whose rows OUT_DIR lacks, with their sha256 (null when the file cannot be read: the
-    worker then writes its error row, as the local batch does). Relative paths are the driver's, from `cwd`."""
+def sorted_keys(keys: set[str]) -> np.ndarray:
+    """Result keys as one sorted array: every task reads it in place from Ray's object store, however many."""
+    return np.array(sorted(keys), dtype="S64")
+
+
+def pending(batch: pa.Table, runner: Runner, prompt: str | None, done: np.ndarray, cwd: str) -> pa.Table:
+    """The images of `batch` whose keys are not in `done` (`sorted_keys`), with their sha256 (null when the file
+    cannot be read: the worker then writes its error row, as the local batch does). Relative paths are the
+    driver's, from `cwd`."""
     images, digests = [], []
     for path in batch.column("image").to_pylist():
         try:
             digest = file_sha256(os.path.join(cwd, path))
         except InputError:
             digest = None
-        if digest is None or runner.key(digest, prompt) not in done:
-            images.append(path)
-            digests.append(digest)
+        if digest is not None:
+            key = runner.key(digest, prompt).encode()
+            at = np.searchsorted(done, key)
+            if at < len(done) and done[at] == key:
+                continue
+        images.append(path)
+        digests.append(digest)
     return pa.table({"image": images, "sha256": digests}, schema=PENDING_SCHEMA)
 
 
@@ -84,12 +95,13 @@ def run_on_ray(paths: Sequence[str], out_dir: str | os.PathLike, runner: Runner,
     `runner` is the driver's (its keys decide what is done); every worker builds its own from `runner_args` (the
     `Runner` arguments but the cache, with an absolute model directory) and must find the same model. `workers`
     actors (default: the cluster's CPUs divided by `threads`) each reserve `threads` CPUs (and a GPU with device
-    cuda) and run ONNX Runtime on that many threads. An image that fails is an error row and a call of
+    cuda) and run ONNX Runtime on that many threads; each Ray task captions `batch_size` images (a killed worker
+    costs the batches it held, captioned again elsewhere). An image that fails is an error row and a call of
     `on_error(message)`; a failure of the job itself (a worker that cannot start) is a `MolmocapError`.
     """
     summary = Summary(total=len(paths))
     with ResultsDir(out_dir) as results:
-        done = frozenset(results.open(retry=paths))
+        done = sorted_keys(results.open(retry=paths))
         started = connect(address)
         try:
             if workers is None:
@@ -126,6 +138,7 @@ def run_on_ray(paths: Sequence[str], out_dir: str | os.PathLike, runner: Runner,
 
 
 def _last_line(exc: BaseException) -> str:
-    """The line of a Ray error that names the cause (Ray's own message carries the remote traceback)."""
+    """The line of a Ray error that names the cause (Ray's own message carries the remote traceback), without the
+    module path of a molmocap error's class."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    return lines[-1].removeprefix("molmocap.runtime.errors.") if lines else type(exc).__name__
