@@ -27,6 +27,7 @@ from molmocap.runtime.cache import ResultCache  # noqa: E402
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError  # noqa: E402
 
 PENDING_SCHEMA = pa.schema([("image", pa.string()), ("sha256", pa.string())])
+BATCH = 4  # images per Ray task, at most: few enough that a killed worker costs little, and no worker waits idle
 WORKERS_PER_HASHER = 8  # hashing tasks run beside the workers (no CPU reserved), one per this many workers
 
 
@@ -88,16 +89,17 @@ def connect(address: str | None) -> bool:
 
 def run_on_ray(paths: Sequence[str], out_dir: str | os.PathLike, runner: Runner, runner_args: dict,
                prompt: str | None, use_cache: bool = True, address: str | None = None, workers: int | None = None,
-               threads: int = 1, batch_size: int = 4, on_error: Callable[[str], None] | None = None) -> Summary:
+               threads: int = 1, on_error: Callable[[str], None] | None = None) -> Summary:
     """Caption `paths` (images) with `prompt` into part files in `out_dir`, skipping the images it holds rows for
     and retrying those it holds error rows for.
 
     `runner` is the driver's (its keys decide what is done); every worker builds its own from `runner_args` (the
     `Runner` arguments but the cache, with an absolute model directory) and must find the same model. `workers`
     actors (default: the cluster's CPUs divided by `threads`) each reserve `threads` CPUs (and a GPU with device
-    cuda) and run ONNX Runtime on that many threads; each Ray task captions `batch_size` images (a killed worker
-    costs the batches it held, captioned again elsewhere). An image that fails is an error row and a call of
-    `on_error(message)`; a failure of the job itself (a worker that cannot start) is a `MolmocapError`.
+    cuda) and run ONNX Runtime on that many threads; each Ray task captions up to `BATCH` images, fewer when that
+    spreads a small job over all the workers (a killed worker costs the batches it held, captioned again
+    elsewhere). An image that fails is an error row and a call of `on_error(message)`; a failure of the job itself
+    (a worker that cannot start) is a `MolmocapError`.
     """
     summary = Summary(total=len(paths))
     with ResultsDir(out_dir) as results:
@@ -106,6 +108,7 @@ def run_on_ray(paths: Sequence[str], out_dir: str | os.PathLike, runner: Runner,
         try:
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+            batch_size = max(1, min(BATCH, len(paths) // workers))
             cwd = os.getcwd()
             dataset = (
                 ray.data.from_items([{"image": path} for path in paths],  # a block per batch: a task per batch
