@@ -231,9 +231,9 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
                    "or tags (JSON list). Default: the model's caption prompt.")
 @click.option("--lang", default=None, metavar="LANGUAGE", help="Ask for the caption in this language.")
 @click.option("--prompt", default=None, help="Instruction to use instead of the style's (overrides --style).")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Append one row per image to this results file; a rerun skips the images it holds, "
-                   "a bad image becomes an error row (exit status 2 at the end).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Append one row per image to this results file (with --ray: part files in this directory); a "
+                   "rerun skips the images it holds, a bad image becomes an error row (exit status 2 at the end).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "imagefolder"]), default=None,
               help="Results file format (default: csv for a .csv file, else jsonl); imagefolder: Hugging Face's "
                    "metadata.jsonl (file_name, text), written at the top of the dataset folder.")
@@ -251,17 +251,24 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
               "molmocap did not write (by default they are refused).")
 @click.option("--pages", default=None, metavar="RANGES", help="PDF pages to caption, such as 1-5,8,10- "
               "(default: all).")
+@click.option("--ray", "on_ray", is_flag=True, help="Caption on a Ray cluster into the directory -o OUT_DIR "
+              "(JSON lines part files); --threads is then per worker (default 1). Needs: pip install "
+              "\"molmocap[ray]\".")
+@click.option("--ray-address", default=None, metavar="ADDR", help="With --ray: the cluster to join (the address "
+              "`ray start --head` printed, or auto; default: $RAY_ADDRESS, else Ray on this machine alone).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="With --ray: model replicas (Ray actors), "
+              "each loading the model once (default: the cluster's CPUs divided by --threads).")
 @model_options
 def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, out: Path | None,
             fmt: str | None, write_xmp: bool, force: bool, write_txt: bool, caption_ext: str, prefix: str,
-            skip_existing: bool, overwrite: bool, pages: str | None, max_new_tokens: int, max_crops: int | None,
-            **options) -> None:
+            skip_existing: bool, overwrite: bool, pages: str | None, on_ray: bool, ray_address: str | None,
+            workers: int | None, max_new_tokens: int, max_crops: int | None, **options) -> None:
     """Caption IMAGES: files, directories (searched recursively) or quoted glob patterns ("photos/**/*.jpg").
     PDFs among them are captioned page by page (needs the pdf extra: pip install "molmocap[pdf]").
 
     Examples: molmocap caption photo.jpg --json; molmocap caption photo.jpg --style alt;
     molmocap caption photos/ -o results.jsonl --write-xmp; molmocap caption dataset/ --write-txt --prefix "sks, ";
-    molmocap caption report.pdf --pages 1-5 -o pages.jsonl
+    molmocap caption report.pdf --pages 1-5 -o pages.jsonl; molmocap caption archive/ -o captions/ --ray
     """
     from molmocap.runtime.batch import discover
     from molmocap.runtime.caption_files import CaptionFiles
@@ -278,6 +285,18 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
         raise click.UsageError("--skip-existing and --overwrite cannot be combined")
     if prefix and not (write_txt or fmt == "imagefolder"):
         raise click.UsageError("--prefix applies to --write-txt and --format imagefolder")
+    if (ray_address or workers) and not on_ray:
+        raise click.UsageError("--ray-address and --workers apply to --ray")
+    if on_ray:
+        if out is None:
+            raise click.UsageError("--ray writes part files into a directory: give -o OUT_DIR")
+        if write_xmp or write_txt or pages or fmt not in (None, "jsonl"):
+            raise click.UsageError("--ray writes JSON lines rows only: --write-xmp, --write-txt, --pages and "
+                                   "--format do not apply")
+        caption_on_ray(discover(images, documents=False), out, request, ray_address, workers, **options)
+        return
+    if out is not None and out.is_dir():
+        raise click.UsageError(f"-o {out} is a directory; name a results file (or add --ray for part files)")
     ranges = parse_pages(pages) if pages is not None else None
     paths = discover(images, documents=not (write_txt or write_xmp or fmt == "imagefolder"))
     documents = any(is_pdf(path) for path in paths)
@@ -346,6 +365,31 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, reques
     if summary.failed:
         where = f"; their rows in {out} hold the errors" if out is not None and fmt != "imagefolder" else ""
         raise InputError(f"{summary.failed} of {summary.total} {items} failed{where}")
+
+
+def caption_on_ray(images: list[str], out: Path, request: Request, address: str | None, workers: int | None,
+                   model: str | None, threads: int | None, device: str, as_json: bool, stream: bool,
+                   no_cache: bool) -> None:
+    """`caption --ray`: the batch on a Ray cluster, into part files in OUT; Ray shows its progress on stderr."""
+    from molmocap.cluster import require_ray
+
+    require_ray()
+    from molmocap.cluster.ray_batch import run_on_ray
+    from molmocap.runtime.batch import Runner
+
+    if as_json or stream:
+        raise click.UsageError("-o writes results files: --json and --stream do not apply")
+    threads = threads or 1
+    args = {"model_dir": str(resolve_model(model).resolve()), "threads": threads, "device": device}
+    runner = Runner(**args)
+    summary = run_on_ray(images, out, runner, args, request, use_cache=not no_cache, address=address,
+                         workers=workers, threads=threads, on_error=lambda message: click.echo(f"error: {message}",
+                                                                                                err=True))
+    click.echo(f"{summary.total} images: {summary.computed} captioned, {summary.cached} from the cache, "
+               f"{summary.skipped} already in {out}, {summary.failed} failed", err=True)
+    demo_notice(is_demo_model(runner.manifest))
+    if summary.failed:
+        raise InputError(f"{summary.failed} of {summary.total} images failed; their rows in {out} hold the errors")
 
 
 @main.command()

@@ -474,6 +474,20 @@ def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str |
     return summary
 
 
+def image_row(runner: Runner, path: str, request: Request, sha256: str | None = None) -> dict:
+    """One image's JSON results row exactly as `run_batch` writes it, for batches run elsewhere (a Ray cluster):
+    from the cache or the model, or its error row on an `InputError` or `StyleOutputError`. `sha256` is the file's,
+    when already hashed."""
+    key = None
+    try:
+        sha256 = sha256 or file_sha256(path)
+        key = runner.key(sha256, request)
+        answer = runner.answer(path, sha256, request)
+    except (InputError, StyleOutputError) as exc:
+        return _row({"image": path}, sha256, key, runner, request, error=str(exc))
+    return _row({"image": path}, sha256, key, runner, request, answer)
+
+
 def _caption_document(path: str, pages: list[tuple[int, int | None]] | None, caption: Callable, fail: Callable,
                       summary: Summary) -> None:
     """Each selected page of the PDF `path`, rendered only when it is not done; a PDF that does not open, or has
