@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from molmocap.runtime.batching import DEFAULT_MAX_BATCH
 from molmocap.runtime.captioner import DEFAULT_MAX_NEW_TOKENS
 from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
@@ -232,10 +233,13 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
               "molmocap did not write (by default they are refused).")
 @click.option("--pages", default=None, metavar="RANGES", help="PDF pages to caption, such as 1-5,8,10- "
               "(default: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With -o, --write-txt or PDFs: decode N images together (rows still in order). Default "
+                   f"{DEFAULT_MAX_BATCH}: measured fastest on 2-core CPUs (benchmarks/bench_batch.py).")
 @model_options
 def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, out: Path | None,
             fmt: str | None, write_xmp: bool, force: bool, write_txt: bool, caption_ext: str, prefix: str,
-            skip_existing: bool, overwrite: bool, pages: str | None, **options) -> None:
+            skip_existing: bool, overwrite: bool, pages: str | None, batch_size: int | None, **options) -> None:
     """Caption IMAGES: files, directories (searched recursively) or quoted glob patterns ("photos/**/*.jpg").
     PDFs among them are captioned page by page (needs the pdf extra: pip install "molmocap[pdf]").
 
@@ -270,8 +274,11 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
         mode = "skip" if skip_existing else "overwrite" if overwrite else "refuse"
         captions = CaptionFiles(caption_ext, prefix, mode) if write_txt else None
         caption_to_file(paths, out, fmt, prompt, None if prompt else style, lang, write_xmp, force,
-                        captions=captions, pages=ranges, prefix=prefix, **options)
+                        captions=captions, pages=ranges, prefix=prefix, batch_size=batch_size or DEFAULT_MAX_BATCH,
+                        **options)
         return
+    if batch_size is not None:
+        raise click.UsageError("--batch-size applies to -o, --write-txt and PDFs")
     run_images(tuple(paths), [prompt], style=None if prompt else style, lang=lang, write_xmp=write_xmp,
                force=force, **options)
 
@@ -280,7 +287,8 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt
                     lang: str | None, write_xmp: bool, force: bool, model: str | None, max_new_tokens: int,
                     max_crops: int | None, threads: int | None, device: str, as_json: bool, stream: bool,
                     no_cache: bool, captions: CaptionFiles | None = None,
-                    pages: list[tuple[int, int | None]] | None = None, prefix: str = "") -> None:
+                    pages: list[tuple[int, int | None]] | None = None, prefix: str = "",
+                    batch_size: int = 1) -> None:
     """`caption -o`, `--write-txt` and PDFs: a resumable batch into a results file (without -o, the rows that
     succeed are printed: text, or JSON with --json), with a progress bar when stderr is a terminal."""
     from molmocap.runtime.batch import Runner, check_imagefolder, output_format, run_batch
@@ -313,7 +321,7 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, prompt
             click.echo(f"{label}: {row['text']}")
 
     batch = {"captions": captions, "pages": pages, "prefix": prefix, "on_error": report,
-             "on_row": show if out is None else None}
+             "on_row": show if out is None else None, "batch_size": batch_size}
     if tty:
         with click.progressbar(length=len(images), label="captioning", file=sys.stderr) as bar:
             summary = run_batch(images, runner, prompt, out, fmt, write_xmp, force,

@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batching import DecodeBatch
 from .cache import CachedResult, ResultCache, result_key
 from .caption_files import CaptionFiles
-from .captioner import DEFAULT_MAX_NEW_TOKENS, Captioner, EncodedImage, ImageSource, Result
+from .captioner import DEFAULT_MAX_NEW_TOKENS, Captioner, EncodedImage, Generation, ImageSource, Result
 from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, select_pages
 from .errors import InputError
 from .files import remove_leftovers, replace_atomically, sha256_file
@@ -156,12 +157,11 @@ class Runner:
         t0 = time.perf_counter()
         prompt = self.prompt(prompt)
         key = self.key(image_sha256, prompt)
-        hit = self.cache.get(key) if self.cache is not None else None
+        hit = self._cached(key, t0)
         if hit is not None:
             if on_text is not None:
                 on_text(hit.text)
-            return Result(hit.text, hit.token_ids, hit.prompt_tokens,
-                          {"cached": True, "total_s": time.perf_counter() - t0})
+            return hit
         captioner = self.load()
         max_new_tokens, max_crops = self.options["max_new_tokens"], self.options["max_crops"]
         if reuse_image:
@@ -170,11 +170,55 @@ class Runner:
             result = captioner.generate(self._encoded[1], prompt, max_new_tokens, on_text=on_text)
         else:
             result = captioner.generate(image, prompt, max_new_tokens, max_crops, on_text=on_text)
+        self._remember(key, image_sha256, prompt, result)
+        return result
+
+    def generate_many(self, items: Sequence[tuple[ImageSource, str, str | None]]) -> list[Result | InputError]:
+        """The results for several (image, sha256, prompt) items, as `generate` gives each: from the cache, or
+        prefilled one by one and decoded together in one `DecodeBatch` (a decode step costs about the same for
+        several sequences as for one). An item whose input is refused gets its `InputError` as its result."""
+        if len(items) == 1:
+            try:
+                return [self.generate(*items[0])]
+            except InputError as exc:
+                return [exc]
+        results: list[Result | InputError | None] = [None] * len(items)
+        started: list[tuple[int, str, str, str, Generation]] = []
+        batch: DecodeBatch | None = None
+        for index, (image, image_sha256, prompt) in enumerate(items):
+            t0 = time.perf_counter()
+            prompt = self.prompt(prompt)
+            key = self.key(image_sha256, prompt)
+            results[index] = self._cached(key, t0)
+            if results[index] is not None:
+                continue
+            captioner = self.load()
+            try:
+                generation = captioner.start(image, prompt, self.options["max_new_tokens"], self.options["max_crops"])
+            except InputError as exc:
+                results[index] = exc
+                continue
+            batch = batch or DecodeBatch(captioner, len(items))
+            batch.join(generation)
+            started.append((index, key, image_sha256, prompt, generation))
+        while batch:
+            batch.step()
+        for index, key, image_sha256, prompt, generation in started:
+            results[index] = generation.result()
+            self._remember(key, image_sha256, prompt, results[index])
+        return results
+
+    def _cached(self, key: str, t0: float) -> Result | None:
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is None:
+            return None
+        return Result(hit.text, hit.token_ids, hit.prompt_tokens, {"cached": True, "total_s": time.perf_counter() - t0})
+
+    def _remember(self, key: str, image_sha256: str, prompt: str, result: Result) -> None:
         result.timings["cached"] = False
         if self.cache is not None:
             self.cache.put(key, image_sha256, self.model_id, self.model_label, prompt, self.options,
                            CachedResult(result.text, result.token_ids, result.prompt_tokens))
-        return result
 
 
 def output_format(path: str | os.PathLike, fmt: str | None) -> str:
@@ -404,7 +448,7 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
               write_xmp: bool = False, force: bool = False, on_error: Callable[[str], None] | None = None,
               on_progress: Callable[[str], None] | None = None, captions: CaptionFiles | None = None,
               pages: list[tuple[int, int | None]] | None = None, prefix: str = "",
-              on_row: Callable[[dict], None] | None = None) -> Summary:
+              on_row: Callable[[dict], None] | None = None, batch_size: int = 1) -> Summary:
     """Caption `paths` (images and PDFs) with `prompt` into the results file `out`, skipping the items it holds.
 
     Without `out` nothing is kept but the caption files and sidecars; `on_row` receives every row that succeeded.
@@ -414,6 +458,10 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
     called with each path once it is done. `captions` writes a caption file per image (and skips images whose file
     is up to date or kept); `pages` selects PDF pages (all for None); `prefix` starts every imagefolder `text`.
     Leftover temporary files of an earlier killed run are deleted first.
+
+    With `batch_size` N > 1, up to N items that need the model are prefilled one by one and decoded together
+    (`Runner.generate_many`); their rows are still written in input order, each once its group is done, so a kill
+    loses at most the group in flight.
     """
     if write_xmp or captions is not None:
         documents = [path for path in paths if is_pdf(path)]
@@ -429,7 +477,10 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
     with ResultsFile(out, fmt) if out is not None else _NoResults() as results:
         done = results.open(retry=paths)
 
+        pending: list[tuple[dict, ImageSource, str, str, str | None]] = []  # item, image, sha, key, resume
+
         def fail(item: dict, sha: str | None, key: str | None, exc: Exception) -> None:
+            flush()  # the rows of the items before this one come first
             summary.failed += 1
             if fmt != "imagefolder":
                 results.append(_row(item, sha, key, runner, prompt, error=str(exc)))
@@ -437,16 +488,35 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
                 on_error(str(exc))
 
         def caption_item(item: dict, image: Callable[[], ImageSource], sha: str, resume: str | None = None) -> None:
-            """One image or page: skip it when done, else generate, write its files and its row."""
+            """One image or page: skip it when done, else queue it for the model (a page is rendered now)."""
             summary.total += 1
             key = None
             try:
                 key = runner.key(sha, prompt)
-                path = item.get("image")
-                if (resume or key) in done or (captions is not None and captions.skip(path, key)):
+                if (resume or key) in done or (captions is not None and captions.skip(item.get("image"), key)):
                     summary.skipped += 1
                     return
-                result = runner.generate(image(), sha, prompt)
+                pending.append((item, image(), sha, key, resume))
+            except (InputError, StyleOutputError) as exc:
+                fail(item, sha, key, exc)
+                return
+            if len(pending) >= batch_size:
+                flush()
+
+        def flush() -> None:
+            """Generate the queued items together and write their files and rows, in order."""
+            group = pending[:]
+            pending.clear()
+            if group:
+                results = runner.generate_many([(image, sha, prompt) for _, image, sha, _, _ in group])
+                for (item, _, sha, key, resume), result in zip(group, results):
+                    complete(item, sha, key, resume, result)
+
+        def complete(item: dict, sha: str, key: str, resume: str | None, result: Result | InputError) -> None:
+            path = item.get("image")
+            try:
+                if isinstance(result, InputError):
+                    raise result
                 value = finish(runner.style, result.text) if runner.style else result.text
                 if write_xmp:
                     write_sidecar(path, value, runner.model_id, force)
@@ -483,6 +553,7 @@ def run_batch(paths: Sequence[str], runner: Runner, prompt: str | None, out: str
             finally:
                 if on_progress is not None:
                     on_progress(path)
+        flush()
     return summary
 
 
