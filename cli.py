@@ -426,14 +426,18 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
               help="Generations that may wait for the model; past it a request gets 503 with Retry-After.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               metavar="S", help="Seconds a request may wait and generate before it is cancelled (504).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True, metavar="N",
+              help="Generations decoded together: a request arriving while others decode joins them at the next "
+                   "step (1: one at a time). The default measured best on 2-core CPUs (benchmarks/bench_batch.py).")
 def serve(host: str, port: int, api_key: str | None, model: str | None, threads: int | None, device: str,
-          max_request_mb: int, max_queue: int, request_timeout: float) -> None:
+          max_request_mb: int, max_queue: int, request_timeout: float, max_batch: int) -> None:
     """Serve the model over HTTP: /v1/caption, /v1/ask, OpenAI-compatible /v1/chat/completions, /health, /metrics.
 
     Ollama's API too (/api/generate, /api/chat, /api/tags, /api/show, /api/version), for tools such as PhotoPrism,
     Home Assistant's LLM Vision and Open WebUI: point their Ollama URL at http://HOST:PORT.
 
-    Requests queue on the one model. Images travel inline (base64 or data URIs); remote URLs are refused.
+    Requests queue on the one model and decode together (--max-batch). Images travel inline (base64 or data
+    URIs); remote URLs are refused.
 
     Example: molmocap serve --model ./molmo2-4b-onnx --api-key KEY
     """
@@ -448,7 +452,7 @@ def serve(host: str, port: int, api_key: str | None, model: str | None, threads:
 
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
     app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024,
-                     max_queue=max_queue, request_timeout_s=request_timeout)
+                     max_queue=max_queue, request_timeout_s=request_timeout, max_batch=max_batch)
     demo_notice(is_demo_model(captioner.manifest))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "
