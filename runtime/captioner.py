@@ -77,7 +77,7 @@ class Generation:
     token for all of them. `error` holds what `on_text` raised, if anything (the batch then drops the generation).
     """
 
-    def __init__(self, captioner: "Captioner", state: DecodeState, max_new_tokens: int,
+    def __init__(self, captioner: Captioner, state: DecodeState, max_new_tokens: int,
                  on_text: Callable[[str], None] | None, timings: dict[str, float], started_at: float) -> None:
         self.state = state
         self.max_new_tokens = max_new_tokens

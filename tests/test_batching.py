@@ -129,3 +129,35 @@ def test_joined_sequences_hand_their_positions_to_the_batch(exported):
     while batch:
         batch.step()
     assert len(generation.result().token_ids) <= 4 and np.isfinite(generation.state.logits).all()
+
+
+def test_group_query_attention_reads_each_row_only_up_to_its_own_seqlens_k(exported):
+    """The step graph with an all-zero bias over rows of different lengths, the positions past each row's length
+    full of noise: every row's logits equal its own single step. So GroupQueryAttention itself stops at
+    seqlens_k[r] (the runtime's bias masks those positions as well)."""
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    states = [captioner.prefill(IMAGES[0], PROMPTS[1], 4, 2), captioner.prefill(IMAGES[2], PROMPTS[2], 4, 1)]
+    cache = captioner.decoder.new_batch_cache(2, max(state.cache.capacity for state in states) + 8)
+    for state in states:
+        cache.add(state.cache)
+    rng = np.random.default_rng(0)
+    for array in cache.arrays.values():
+        for row, length in enumerate(cache.lengths):
+            array[row, :, length:] = rng.normal(size=array[row, :, length:].shape)
+    tokens = [int(np.argmax(state.logits)) for state in states]
+    lengths = np.array(cache.lengths, dtype=np.int32)
+    session = captioner.decoder.step_session
+    binding = session.io_binding()
+    binding.bind_output("logits")
+    binding.bind_cpu_input("inputs_embeds", captioner.embed(np.array(tokens, dtype=np.int64)[:, None]))
+    binding.bind_cpu_input("attention_bias", np.zeros((2, 1, 1, lengths.max() + 1), dtype=np.float32))
+    binding.bind_cpu_input("seqlens_k", lengths)
+    binding.bind_cpu_input("total_sequence_length", np.array(lengths.max() + 1, dtype=np.int32))
+    for name, value in cache.values(0, 2).items():
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+    session.run_with_iobinding(binding)
+    batched = binding.get_outputs()[0].numpy()
+    assert lengths[0] != lengths[1]
+    for row, (state, token) in enumerate(zip(states, tokens)):
+        np.testing.assert_array_equal(batched[row], captioner.step(state, token))
