@@ -230,14 +230,13 @@ def main() -> None:
     parts = args.parts.split(",")
     data = {"conditions": conditions(), "model": os.path.abspath(args.model), "max_crops": args.max_crops,
             "threads": args.threads, "runs": args.runs}
-    if "decode" in parts:
-        data["decode"] = decode_part(Captioner.load(args.model, threads=args.threads), args)
-    if "folder" in parts:
-        data["folder"] = folder_part(args)
-    if "server" in parts:
-        data["server"] = server_part(args)
-    data["load_average_at_end"] = load_average()
-    save(RESULTS / f"batch-{args.label}-{datetime.date.today().isoformat()}.json", data)
+    path = RESULTS / f"batch-{args.label}-{datetime.date.today().isoformat()}.json"
+    runs = {"decode": lambda: decode_part(Captioner.load(args.model, threads=args.threads), args),
+            "folder": lambda: folder_part(args), "server": lambda: server_part(args)}
+    for part in parts:
+        data[part] = runs[part]()
+        data["load_average_at_end"] = load_average()
+        save(path, data)  # after each part, so that a long run keeps what it has measured
 
 
 if __name__ == "__main__":
