@@ -8,7 +8,8 @@ join between any two steps (the server's continuous batching; `Captioner.generat
 Tokens equal those of `Captioner.generate` on each sequence exactly with fp32 weights (a row's attention and
 products do not depend on the other rows). With 4-bit `MatMulNBits` weights, a batched product uses the GEMM
 kernel where one sequence uses the GEMV kernel: the same values up to float rounding, rows still independent of
-each other. A decoder step graph with int8 `DynamicQuantizeMatMul` quantizes the activations of all rows with one
+each other, but the rounding flips near ties (on the random-weight 4B int4 every batched answer left its
+single-sequence tokens within 10 tokens). A decoder step graph with int8 `DynamicQuantizeMatMul` quantizes the activations of all rows with one
 scale, which would make an answer depend on its batchmates: there the rows are stepped one at a time.
 """
 
@@ -24,9 +25,9 @@ if TYPE_CHECKING:
     from .captioner import Captioner, Generation
 
 # Sequences decoded together by default (generate_batch, `caption --batch-size`, `serve --max-batch`). On the 2-core
-# CPUs measured (benchmarks/results/batch-4b-int4-decode-2026-12-04.json, batch-demo-2026-12-04.json), aggregate int4
-# decode tokens/s grew 2.1x at 2 and 2.8x at 4 over one sequence, and no further at 8, while each row's KV memory
-# grows with the batch.
+# CPU measured, aggregate 4B int4 decode tokens/s over one sequence: 1.8x at 2, 2.2x at 4, 2.6x at 8 on a quiet
+# machine (benchmarks/results/batch-4b-int4-decode-quiet-2026-12-04.json); 2.1x / 2.8x / 2.7x under load
+# (batch-4b-int4-decode-2026-12-04.json). 8 adds about 15% over 4 for twice the KV memory, so 4.
 DEFAULT_MAX_BATCH = 4
 
 
