@@ -9,8 +9,9 @@ Tokens equal those of `Captioner.generate` on each sequence exactly with fp32 we
 products do not depend on the other rows). With 4-bit `MatMulNBits` weights, a batched product uses the GEMM
 kernel where one sequence uses the GEMV kernel: the same values up to float rounding, rows still independent of
 each other, but the rounding flips near ties (on the random-weight 4B int4 every batched answer left its
-single-sequence tokens within 10 tokens). A decoder step graph with int8 `DynamicQuantizeMatMul` quantizes the activations of all rows with one
-scale, which would make an answer depend on its batchmates: there the rows are stepped one at a time.
+single-sequence tokens within 10 tokens). A decoder step graph with int8 `DynamicQuantizeMatMul` quantizes the
+activations of all rows with one scale, which would make an answer depend on its batchmates: there the rows are
+stepped one at a time.
 """
 
 from __future__ import annotations
