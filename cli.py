@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from molmocap.runtime.batching import DEFAULT_MAX_BATCH
 from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
 from molmocap.runtime.preprocess import MAX_CROPS
@@ -251,6 +252,9 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
               "molmocap did not write (by default they are refused).")
 @click.option("--pages", default=None, metavar="RANGES", help="PDF pages to caption, such as 1-5,8,10- "
               "(default: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With -o, --write-txt or PDFs: decode N images together (rows still in order). Default "
+                   f"{DEFAULT_MAX_BATCH}: measured fastest on 2-core CPUs (benchmarks/bench_batch.py).")
 @click.option("--ray", "on_ray", is_flag=True, help="Caption on a Ray cluster into the directory -o OUT_DIR "
               "(JSON lines part files); --threads is then per worker (default 1). Needs: pip install "
               "\"molmocap[ray]\".")
@@ -261,8 +265,9 @@ def export(src: str, out: Path, quant: str, force: bool) -> None:
 @model_options
 def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt: str | None, out: Path | None,
             fmt: str | None, write_xmp: bool, force: bool, write_txt: bool, caption_ext: str, prefix: str,
-            skip_existing: bool, overwrite: bool, pages: str | None, on_ray: bool, ray_address: str | None,
-            workers: int | None, max_new_tokens: int, max_crops: int | None, **options) -> None:
+            skip_existing: bool, overwrite: bool, pages: str | None, batch_size: int | None, on_ray: bool,
+            ray_address: str | None, workers: int | None, max_new_tokens: int, max_crops: int | None,
+            **options) -> None:
     """Caption IMAGES: files, directories (searched recursively) or quoted glob patterns ("photos/**/*.jpg").
     PDFs among them are captioned page by page (needs the pdf extra: pip install "molmocap[pdf]").
 
@@ -308,15 +313,18 @@ def caption(images: tuple[str, ...], style: str | None, lang: str | None, prompt
         mode = "skip" if skip_existing else "overwrite" if overwrite else "refuse"
         captions = CaptionFiles(caption_ext, prefix, mode) if write_txt else None
         caption_to_file(paths, out, fmt, request, write_xmp, force, captions=captions, pages=ranges, prefix=prefix,
-                        **options)
+                        batch_size=batch_size or DEFAULT_MAX_BATCH, **options)
         return
+    if batch_size is not None:
+        raise click.UsageError("--batch-size applies to -o, --write-txt and PDFs")
     run_images(tuple(paths), [request], write_xmp=write_xmp, force=force, **options)
 
 
 def caption_to_file(images: list[str], out: Path | None, fmt: str | None, request: Request, write_xmp: bool,
                     force: bool, model: str | None, threads: int | None, device: str, as_json: bool, stream: bool,
                     no_cache: bool, captions: CaptionFiles | None = None,
-                    pages: list[tuple[int, int | None]] | None = None, prefix: str = "") -> None:
+                    pages: list[tuple[int, int | None]] | None = None, prefix: str = "",
+                    batch_size: int = 1) -> None:
     """`caption -o`, `--write-txt` and PDFs: a resumable batch into a results file (without -o, the rows that
     succeed are printed: text, or JSON with --json), with a progress bar when stderr is a terminal."""
     from molmocap.runtime.batch import Runner, check_imagefolder, output_format, run_batch
@@ -346,7 +354,7 @@ def caption_to_file(images: list[str], out: Path | None, fmt: str | None, reques
             click.echo(f"{label}: {row['text']}")
 
     batch = {"captions": captions, "pages": pages, "prefix": prefix, "on_error": report,
-             "on_row": show if out is None else None}
+             "on_row": show if out is None else None, "batch_size": batch_size}
     if tty:
         with click.progressbar(length=len(images), label="captioning", file=sys.stderr) as bar:
             summary = run_batch(images, runner, request, out, fmt, write_xmp, force,
@@ -465,14 +473,18 @@ def point(image: str, label: str, draw: Path | None, model: str | None, max_new_
               help="Generations that may wait for the model; past it a request gets 503 with Retry-After.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               metavar="S", help="Seconds a request may wait and generate before it is cancelled (504).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True, metavar="N",
+              help="Generations decoded together: a request arriving while others decode joins them at the next "
+                   "step (1: one at a time). The default measured best on 2-core CPUs (benchmarks/bench_batch.py).")
 def serve(host: str, port: int, api_key: str | None, model: str | None, threads: int | None, device: str,
-          max_request_mb: int, max_queue: int, request_timeout: float) -> None:
+          max_request_mb: int, max_queue: int, request_timeout: float, max_batch: int) -> None:
     """Serve the model over HTTP: /v1/caption, /v1/ask, OpenAI-compatible /v1/chat/completions, /health, /metrics.
 
     Ollama's API too (/api/generate, /api/chat, /api/tags, /api/show, /api/version), for tools such as PhotoPrism,
     Home Assistant's LLM Vision and Open WebUI: point their Ollama URL at http://HOST:PORT.
 
-    Requests queue on the one model. Images travel inline (base64 or data URIs); remote URLs are refused.
+    Requests queue on the one model and decode together (--max-batch). Images travel inline (base64 or data
+    URIs); remote URLs are refused.
 
     Example: molmocap serve --model ./molmo2-4b-onnx --api-key KEY
     """
@@ -487,7 +499,7 @@ def serve(host: str, port: int, api_key: str | None, model: str | None, threads:
 
     captioner = Captioner.load(resolve_model(model), threads=threads, device=device)
     app = create_app(captioner, api_key=api_key, max_request_bytes=max_request_mb * 1024 * 1024,
-                     max_queue=max_queue, request_timeout_s=request_timeout)
+                     max_queue=max_queue, request_timeout_s=request_timeout, max_batch=max_batch)
     demo_notice(is_demo_model(captioner.manifest))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "

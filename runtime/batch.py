@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batching import DecodeBatch
 from .cache import CachedResult, ResultCache
 from .caption_files import CaptionFiles
-from .captioner import Captioner, EncodedImage, ImageSource, Result
+from .captioner import Captioner, EncodedImage, Generation, ImageSource, Result
 from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, select_pages
 from .errors import InputError
 from .files import remove_leftovers, replace_atomically, sha256_file
@@ -143,27 +144,77 @@ class Runner:
         """
         t0 = time.perf_counter()
         key = self.key(image_sha256, request)
-        hit = self.cache.get(key) if self.cache is not None else None
+        hit = self._cached(key, t0)
         if hit is not None:
             if on_text is not None:
                 on_text(hit.text)
-            return request.answer(Result(hit.text, hit.token_ids, hit.prompt_tokens,
-                                         {"cached": True, "total_s": time.perf_counter() - t0}))
+            return request.answer(hit)
         captioner = self.load()
+        prompt = request.prompt_for(self.manifest)
         if reuse_image:
             if self._encoded is None or self._encoded[:2] != (image_sha256, request.max_crops):
                 self._encoded = (image_sha256, request.max_crops, captioner.encode_image(image, request.max_crops))
-            result = captioner.generate(self._encoded[2], request.prompt_for(self.manifest), request.max_new_tokens,
-                                        on_text=on_text)
+            result = captioner.generate(self._encoded[2], prompt, request.max_new_tokens, on_text=on_text)
         else:
-            result = captioner.generate(image, request.prompt_for(self.manifest), request.max_new_tokens,
-                                        request.max_crops, on_text=on_text)
+            result = captioner.generate(image, prompt, request.max_new_tokens, request.max_crops, on_text=on_text)
+        self._remember(key, image_sha256, request, result)
+        return request.answer(result)
+
+    def answer_many(self, items: Sequence[tuple[ImageSource, str]], request: Request
+                    ) -> list[Answer | InputError | StyleOutputError]:
+        """The answers to `request` about several (image, sha256) items, as `answer` gives each: from the cache, or
+        prefilled one by one and decoded together in one `DecodeBatch` (a decode step costs about the same for
+        several sequences as for one). An item whose input is refused, or whose answer cannot be held to its
+        style, gets that error in its place."""
+        if len(items) == 1:
+            try:
+                return [self.answer(*items[0], request)]
+            except (InputError, StyleOutputError) as exc:
+                return [exc]
+        results: list[Result | InputError | None] = [None] * len(items)
+        started: list[tuple[int, str, str, Generation]] = []
+        batch: DecodeBatch | None = None
+        for index, (image, image_sha256) in enumerate(items):
+            key = self.key(image_sha256, request)
+            results[index] = self._cached(key, time.perf_counter())
+            if results[index] is not None:
+                continue
+            captioner = self.load()
+            try:
+                generation = captioner.start(image, request.prompt_for(self.manifest), request.max_new_tokens,
+                                             request.max_crops)
+            except InputError as exc:
+                results[index] = exc
+                continue
+            batch = batch or DecodeBatch(captioner, len(items))
+            batch.join(generation)
+            started.append((index, key, image_sha256, generation))
+        while batch:
+            batch.step()
+        for index, key, image_sha256, generation in started:
+            results[index] = generation.result()
+            self._remember(key, image_sha256, request, results[index])
+        return [result if isinstance(result, InputError) else _shaped(request, result) for result in results]
+
+    def _cached(self, key: str, t0: float) -> Result | None:
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is None:
+            return None
+        return Result(hit.text, hit.token_ids, hit.prompt_tokens, {"cached": True, "total_s": time.perf_counter() - t0})
+
+    def _remember(self, key: str, image_sha256: str, request: Request, result: Result) -> None:
         result.timings["cached"] = False
         if self.cache is not None:
             self.cache.put(key, image_sha256, self.model_id, self.model_label, request.prompt_for(self.manifest),
                            request.options_for(self.manifest),
                            CachedResult(result.text, result.token_ids, result.prompt_tokens))
+
+
+def _shaped(request: Request, result: Result) -> Answer | StyleOutputError:
+    try:
         return request.answer(result)
+    except StyleOutputError as exc:
+        return exc
 
 
 def output_format(path: str | os.PathLike, fmt: str | None) -> str:
@@ -393,7 +444,7 @@ def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str |
               write_xmp: bool = False, force: bool = False, on_error: Callable[[str], None] | None = None,
               on_progress: Callable[[str], None] | None = None, captions: CaptionFiles | None = None,
               pages: list[tuple[int, int | None]] | None = None, prefix: str = "",
-              on_row: Callable[[dict], None] | None = None) -> Summary:
+              on_row: Callable[[dict], None] | None = None, batch_size: int = 1) -> Summary:
     """Answer `request` about `paths` (images and PDFs) into the results file `out`, skipping the items it holds.
 
     Without `out` nothing is kept but the caption files and sidecars; `on_row` receives every row that succeeded.
@@ -403,6 +454,10 @@ def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str |
     called with each path once it is done. `captions` writes a caption file per image (and skips images whose file
     is up to date or kept); `pages` selects PDF pages (all for None); `prefix` starts every imagefolder `text`.
     Leftover temporary files of an earlier killed run are deleted first.
+
+    With `batch_size` N > 1, up to N items that need the model are prefilled one by one and decoded together
+    (`Runner.answer_many`); their rows are still written in input order, each once its group is done, so a kill
+    loses at most the group in flight.
     """
     if write_xmp or captions is not None:
         documents = [path for path in paths if is_pdf(path)]
@@ -418,7 +473,10 @@ def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str |
     with ResultsFile(out, fmt) if out is not None else _NoResults() as results:
         done = results.open(retry=paths)
 
+        pending: list[tuple[dict, ImageSource, str, str, str | None]] = []  # item, image, sha, key, resume
+
         def fail(item: dict, sha: str | None, key: str | None, exc: Exception) -> None:
+            flush()  # the rows of the items before this one come first
             summary.failed += 1
             if fmt != "imagefolder":
                 results.append(_row(item, sha, key, runner, request, error=str(exc)))
@@ -426,16 +484,36 @@ def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str |
                 on_error(str(exc))
 
         def caption_item(item: dict, image: Callable[[], ImageSource], sha: str, resume: str | None = None) -> None:
-            """One image or page: skip it when done, else generate, write its files and its row."""
+            """One image or page: skip it when done, else queue it for the model (a page is rendered now)."""
             summary.total += 1
             key = None
             try:
                 key = runner.key(sha, request)
-                path = item.get("image")
-                if (resume or key) in done or (captions is not None and captions.skip(path, key)):
+                if (resume or key) in done or (captions is not None and captions.skip(item.get("image"), key)):
                     summary.skipped += 1
                     return
-                answer = runner.answer(image(), sha, request)
+                pending.append((item, image(), sha, key, resume))
+            except (InputError, StyleOutputError) as exc:
+                fail(item, sha, key, exc)
+                return
+            if len(pending) >= batch_size:
+                flush()
+
+        def flush() -> None:
+            """Answer the queued items together and write their files and rows, in order."""
+            group = pending[:]
+            pending.clear()
+            if group:
+                answers = runner.answer_many([(image, sha) for _, image, sha, _, _ in group], request)
+                for (item, _, sha, key, resume), answer in zip(group, answers):
+                    complete(item, sha, key, resume, answer)
+
+        def complete(item: dict, sha: str, key: str, resume: str | None,
+                     answer: Answer | InputError | StyleOutputError) -> None:
+            path = item.get("image")
+            try:
+                if isinstance(answer, Exception):
+                    raise answer
                 if write_xmp:
                     write_sidecar(path, answer.value, runner.model_id, force)
                 if captions is not None:
@@ -471,6 +549,7 @@ def run_batch(paths: Sequence[str], runner: Runner, request: Request, out: str |
             finally:
                 if on_progress is not None:
                     on_progress(path)
+        flush()
     return summary
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
+from .batching import DEFAULT_MAX_BATCH, DecodeBatch
 from .decoder import Decoder, KVCache, prefill_bias
 from .errors import InputError, ModelError
 from .image_io import load_image
@@ -40,15 +41,18 @@ class EncodedImage:
 @dataclass
 class DecodeState:
     """A generation in progress (see `Captioner.prefill`): the KV cache, the logits for the next token and the
-    prompt's token ids. `Captioner.step` feeds one more token."""
+    prompt's token ids. `Captioner.step` feeds one more token. Once the sequence has joined a `DecodeBatch`, the
+    batch holds its positions and `cache` is None."""
 
-    cache: KVCache
+    cache: KVCache | None
     logits: np.ndarray
     prompt_ids: np.ndarray
 
     @property
     def positions(self) -> int:
         """Positions in the cache: the prompt and every token fed since."""
+        if self.cache is None:
+            raise ValueError("this sequence's positions are held by the DecodeBatch it joined")
         return self.cache.length
 
 
@@ -60,6 +64,62 @@ class Result:
     token_ids: list[int]
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class Generation:
+    """One greedy answer in progress (see `Captioner.start`): picks each token from its state's logits, ends at a
+    stop token or at its budget, streams the text and makes the `Result`.
+
+    `Captioner.generate` drives one with `Captioner.step`; a `DecodeBatch` drives several with one decoder run per
+    token for all of them. `error` holds what `on_text` raised, if anything (the batch then drops the generation).
+    """
+
+    def __init__(self, captioner: Captioner, state: DecodeState, max_new_tokens: int,
+                 on_text: Callable[[str], None] | None, timings: dict[str, float], started_at: float) -> None:
+        self.state = state
+        self.max_new_tokens = max_new_tokens
+        self.tokens: list[int] = []
+        self.finished = False
+        self.error: Exception | None = None
+        self._tokenizer, self._stop_ids = captioner.tokenizer, captioner.stop_ids
+        self._on_text = on_text
+        self._stream = TextStream(captioner.tokenizer)
+        self._timings = timings
+        self._started_at = started_at
+        self._first_token_at: float | None = None
+        self._finished_at = 0.0
+
+    def next_token(self) -> int | None:
+        """The token the logits choose, to be fed next; None once the answer is complete (a stop token, or the
+        budget reached with this token)."""
+        token = int(np.argmax(self.state.logits))
+        if token in self._stop_ids:
+            return self._finish()
+        self._first_token_at = self._first_token_at or time.perf_counter()
+        self.tokens.append(token)
+        if self._on_text is not None and (piece := self._stream.push(token)):
+            self._on_text(piece)
+        return self._finish() if len(self.tokens) >= self.max_new_tokens else token
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._finished_at = time.perf_counter()
+
+    def result(self) -> Result:
+        """The answer, its last streamed piece sent; timings as in `Captioner.generate`."""
+        text = self._tokenizer.decode(self.tokens)
+        if self._on_text is not None and (rest := self._stream.finish(text)):
+            self._on_text(rest)
+        end = self._finished_at or time.perf_counter()
+        decode_s = end - (self._first_token_at or end)
+        count = len(self.tokens)
+        self._timings.update({
+            "ttft_s": (self._first_token_at or end) - self._started_at,
+            "decode_tokens_per_s": (count - 1) / decode_s if count > 1 and decode_s > 0 else 0.0,
+            "total_s": end - self._started_at,
+        })
+        return Result(text=text, token_ids=list(self.tokens), prompt_tokens=len(self.state.prompt_ids),
+                      timings=self._timings)
 
 
 class Captioner:
@@ -135,10 +195,28 @@ class Captioner:
 
     def step(self, state: DecodeState, token: int) -> np.ndarray:
         """Feed `token` at the next position of `state`; returns (and keeps in `state`) the next logits [vocab]."""
+        if state.cache is None:
+            raise ValueError("this sequence has joined a DecodeBatch; step it there")
         if state.cache.length >= state.cache.capacity:
             raise InputError(f"the generation is full: its KV cache holds {state.cache.capacity} positions")
         state.logits = self.decoder.step(self.embed(np.array([[token]], dtype=np.int64)), state.cache)
         return state.logits
+
+    def start(self, image: ImageSource | EncodedImage, prompt: str | None = None,
+              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
+              on_text: Callable[[str], None] | None = None) -> Generation:
+        """Encode `image` and prefill `prompt` (as `generate` does): a `Generation` ready for its first token, to be
+        stepped alone or in a `DecodeBatch`. Errors of the input (an unreadable image, a prompt too long) are
+        raised here, before any decoding."""
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        t0 = time.perf_counter()
+        encoded, timings, ids = self._prepare(image, prompt, max_crops)
+        max_new_tokens = min(max_new_tokens, self.max_positions - len(ids))
+        t_prefill = time.perf_counter()
+        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
+        timings["prefill_s"] = time.perf_counter() - t_prefill
+        return Generation(self, state, max_new_tokens, on_text, timings, t0)
 
     def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
@@ -148,41 +226,38 @@ class Captioner:
         `image` is a path, bytes, a PIL image or the result of `encode_image` (then `max_crops` was chosen there).
         `on_text` receives the text as it grows, piece by piece, for streaming.
         """
-        if max_new_tokens < 1:
-            raise InputError("max_new_tokens must be at least 1")
-        t0 = time.perf_counter()
-        encoded, timings, ids = self._prepare(image, prompt, max_crops)
-        max_new_tokens = min(max_new_tokens, self.max_positions - len(ids))
+        generation = self.start(image, prompt, max_new_tokens, max_crops, on_text)
+        while (token := generation.next_token()) is not None:
+            self.step(generation.state, token)
+        return generation.result()
 
-        t_prefill = time.perf_counter()
-        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
-        t3 = time.perf_counter()
+    def generate_batch(self, images: Sequence[ImageSource | EncodedImage], prompts: Sequence[str | None] | None = None,
+                       max_new_tokens: int | Sequence[int] = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
+                       max_batch: int = DEFAULT_MAX_BATCH) -> list[Result]:
+        """Answers for several (image, prompt) pairs, decoded together: the same greedy tokens as `generate` on each.
 
-        tokens: list[int] = []
-        stream = TextStream(self.tokenizer)
-        first_token_at = None
-        while len(tokens) < max_new_tokens:
-            token = int(np.argmax(state.logits))
-            if token in self.stop_ids:
+        Each pair is encoded and prefilled on its own (Molmo2's prefill attention depends on the prompt), then up to
+        `max_batch` sequences take each decode step in one decoder run (a step reads all the weights once, whatever
+        the batch), each ending at its own stop token or budget; a sequence that ends frees its row for the next
+        pair. `prompts` defaults to the caption prompt for every image; `max_new_tokens` is one budget or one per
+        pair. An input error of any pair is raised (use `start` and a `DecodeBatch` to keep the others).
+        """
+        count = len(images)
+        prompts = [None] * count if prompts is None else list(prompts)
+        budgets = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(prompts) != count or len(budgets) != count:
+            raise InputError(f"{count} images need as many prompts and budgets ({len(prompts)}, {len(budgets)} given)")
+        batch = DecodeBatch(self, max_batch)
+        generations: dict[int, Generation] = {}
+        waiting = iter(range(count))
+        while True:
+            while not batch.full and (index := next(waiting, None)) is not None:
+                generations[index] = self.start(images[index], prompts[index], budgets[index], max_crops)
+                batch.join(generations[index])
+            if not batch:
                 break
-            first_token_at = first_token_at or time.perf_counter()
-            tokens.append(token)
-            if on_text is not None and (piece := stream.push(token)):
-                on_text(piece)
-            if len(tokens) < max_new_tokens:
-                self.step(state, token)
-        t4 = time.perf_counter()
-        text_out = self.tokenizer.decode(tokens)
-        if on_text is not None and (rest := stream.finish(text_out)):
-            on_text(rest)
-        decode_s = t4 - (first_token_at or t4)
-        timings.update({
-            "prefill_s": t3 - t_prefill,
-            "ttft_s": (first_token_at or t3) - t0,
-            "decode_tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            "total_s": t4 - t0,
-        })
-        return Result(text=text_out, token_ids=tokens, prompt_tokens=len(ids), timings=timings)
+            batch.step()
+        return [generations[index].result() for index in range(count)]
 
     def answer(self, image: ImageSource | EncodedImage, request: Request | None = None,
                on_text: Callable[[str], None] | None = None) -> Answer:

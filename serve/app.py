@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from molmocap.runtime import Captioner, InputError, MolmocapError, Result
+from molmocap.runtime.batching import DEFAULT_MAX_BATCH
 from molmocap.runtime.demo import DEMO_MODEL_NAME, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.request import Answer
 from molmocap.runtime.request import Request as ModelRequest
@@ -63,10 +64,11 @@ ASK_FIELDS = ("image", "prompt", "max_new_tokens", "max_crops")
 
 def create_app(captioner: Captioner, api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int = DEFAULT_MAX_QUEUE,
-               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> Starlette:
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, max_batch: int = DEFAULT_MAX_BATCH) -> Starlette:
     """The ASGI app serving `captioner`; with `api_key`, every route but `OPEN_PATHS` (/health, and / and
-    /api/version, which Ollama clients probe) wants `Authorization: Bearer`."""
-    server = _Server(captioner, max_request_bytes, max_queue, request_timeout_s)
+    /api/version, which Ollama clients probe) wants `Authorization: Bearer`. Up to `max_batch` generations decode
+    together (see `worker.py`)."""
+    server = _Server(captioner, max_request_bytes, max_queue, request_timeout_s, max_batch)
     routes = [
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_route, methods=["GET"]),
@@ -89,9 +91,9 @@ class _Server:
     """The routes, around one model worker and the metrics."""
 
     def __init__(self, captioner: Captioner, max_request_bytes: int, max_queue: int,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, max_batch: int) -> None:
         self.captioner = captioner
-        self.worker = ModelWorker(captioner, max_queue, request_timeout_s)
+        self.worker = ModelWorker(captioner, max_queue, request_timeout_s, max_batch)
         self.metrics = Metrics()
         self.max_request_bytes = max_request_bytes
         source = captioner.manifest.data.get("source")

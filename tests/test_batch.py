@@ -212,3 +212,33 @@ def test_batch_usage_errors(exported, tmp_path):
     assert proc.returncode == 2 and "give -o" in proc.stderr
     proc = molmocap("caption", str(tmp_path / "*.gif"), "-o", str(tmp_path / "r.jsonl"), cache_dir=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: no images match {tmp_path / '*.gif'}"
+
+
+def test_batch_size_keeps_rows_order_and_errors_of_the_sequential_batch(exported, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, size in enumerate([(60, 80), (300, 200), (20, 30), (120, 120), (90, 400)]):
+        noise_image(*size, seed=index).save(photos / f"{index}.png")
+    (photos / "2b.jpg").write_bytes((photos / "0.png").read_bytes()[:100])  # corrupt, in the middle of a group
+    model = str(exported["qwen3_gqa"])
+    tables = {}
+    for size in (1, 3):
+        out = tmp_path / f"b{size}.jsonl"
+        proc = molmocap("caption", str(photos), "-o", str(out), "--model", model, "--no-cache", "--batch-size",
+                        str(size), "--max-new-tokens", "10", "--max-crops", "2", "--threads", "1", cache_dir=tmp_path)
+        assert proc.returncode == 2 and "6 images: 5 captioned" in proc.stderr, proc.stderr
+        tables[size] = [(r["image"], r["error"], r.get("token_ids"), r.get("text")) for r in read_rows(out)]
+    assert [Path(image).name for image, *_ in tables[1]] == ["0.png", "1.png", "2.png", "2b.jpg", "3.png", "4.png"]
+    assert tables[3] == tables[1]
+    assert tables[1][3][1] and len({tuple(r[2]) for r in tables[1] if r[2]}) > 1
+
+    resumed = molmocap("caption", str(photos), "-o", str(tmp_path / "b3.jsonl"), "--model", model, "--no-cache",
+                       "--batch-size", "3", "--max-new-tokens", "10", "--max-crops", "2", cache_dir=tmp_path)
+    assert "6 images: 0 captioned, 0 from the cache, 5 already in" in resumed.stderr
+
+
+def test_batch_size_applies_to_results_files_only(tmp_path):
+    image = tmp_path / "a.png"
+    noise_image(40, 40).save(image)
+    proc = molmocap("caption", str(image), "--batch-size", "2", cache_dir=tmp_path)
+    assert proc.returncode == 2 and "--batch-size applies to -o" in proc.stderr

@@ -27,7 +27,7 @@ def command(out) -> list[str]:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fault-images") / "img"
-    draw_images(folder, 6, seed=3)
+    draw_images(folder, 16, seed=3)  # three kills, each after at most one group of --batch-size rows, leave some
     return folder
 
 

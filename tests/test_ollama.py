@@ -173,7 +173,7 @@ class JsonAnsweringCaptioner(Captioner):
 def json_model(model_dir):
     model = JsonAnsweringCaptioner.load(model_dir, threads=1)
     model.prompts = []
-    with TestClient(create_app(model)) as test_client:
+    with TestClient(create_app(model, max_batch=1)) as test_client:  # answers through `generate`
         yield model, test_client
 
 

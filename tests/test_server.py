@@ -286,7 +286,8 @@ def test_an_unexpected_failure_is_a_500_without_a_traceback(client, captioner, m
     def boom(*args, **kwargs):
         raise RuntimeError("secret internals\nline two")
 
-    monkeypatch.setattr(captioner, "generate", boom)
+    for name in ("generate", "start"):  # alone (max_batch 1) or batched
+        monkeypatch.setattr(captioner, name, boom)
     error = assert_error(client.post("/v1/caption", json={"image": B64}), 500, "internal error")
     assert "secret" not in error["message"]
     body = chat_body("Hi", IMAGE_PART, stream=True)
@@ -318,7 +319,7 @@ class _SlowCaptioner:
 
 def test_an_abandoned_stream_stops_its_generation():
     fake = _SlowCaptioner()
-    worker = ModelWorker(fake)  # type: ignore[arg-type]
+    worker = ModelWorker(fake, max_batch=1)  # type: ignore[arg-type]
 
     async def run() -> None:
         events = worker.stream(Image.new("RGB", (4, 4)), None, 100, None)

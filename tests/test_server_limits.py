@@ -22,6 +22,7 @@ from test_server import B64, IMAGE_PART, assert_error, chat_body
 
 from conftest import SERVER_KEY
 from molmocap.runtime import Captioner, Result
+from molmocap.runtime.captioner import Generation
 from molmocap.runtime.demo import DEMO_MODEL_DIR
 from molmocap.serve import create_app
 from molmocap.serve.worker import STREAM_BACKLOG, ModelWorker
@@ -55,6 +56,10 @@ class GatedCaptioner:
         assert self.gate.wait(timeout=60), "the test never opened the gate"
         return self.real.generate(*args, **kwargs)
 
+    def start(self, *args, **kwargs) -> Generation:
+        assert self.gate.wait(timeout=60), "the test never opened the gate"
+        return self.real.start(*args, **kwargs)
+
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
@@ -64,12 +69,18 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) ->
         time.sleep(0.02)
 
 
+def running_alone(client: TestClient) -> bool:
+    """One generation has left the queue for the model (held at the gate), none waits."""
+    health = client.get("/health").json()
+    return health["pending_generations"] == 1 and health["waiting_generations"] == 0
+
+
 def test_a_full_queue_answers_503_with_retry_after_at_once(captioner):
     gated = GatedCaptioner(captioner)
     with TestClient(create_app(gated, max_queue=2)) as client, ThreadPoolExecutor(max_workers=3) as pool:
         body = {"image": B64, "max_new_tokens": 3}
         running = pool.submit(client.post, "/v1/caption", json=body)
-        wait_until(lambda: client.get("/health").json()["pending_generations"] == 1, "one generation runs")
+        wait_until(lambda: running_alone(client), "one generation runs")
         queued = [pool.submit(client.post, "/v1/caption", json=body) for _ in range(2)]
         wait_until(lambda: client.get("/health").json()["waiting_generations"] == 2, "two generations wait")
         refused = client.post("/v1/caption", json=body)
@@ -121,7 +132,7 @@ class _Chatty:
 
 def test_a_stream_reader_that_stops_reading_cancels_its_generation():
     fake = _Chatty()
-    worker = ModelWorker(fake)  # type: ignore[arg-type]
+    worker = ModelWorker(fake, max_batch=1)  # type: ignore[arg-type]
 
     async def run() -> None:
         events = worker.stream(Image.new("RGB", (4, 4)), None, 10 * STREAM_BACKLOG, None)
@@ -159,7 +170,11 @@ def idle(url: str) -> None:
 
 
 def test_health_answers_during_a_long_generation_and_leaving_clients_cancel_theirs(live_server):
-    """A running generation whose client closes the connection stops; a queued one is skipped without running."""
+    """A running generation whose client closes the connection stops; so does a second one, whether it still waits
+    (then it is skipped without running) or has already joined the running batch (then it is cancelled)."""
+    def gone(outcomes: dict) -> int:
+        return outcomes.get("skipped_client_gone", 0) + outcomes.get("cancelled_client_gone", 0)
+
     idle(live_server)
     _, before = server_state(live_server)
     body = {"image": B64, "max_new_tokens": LONG}
@@ -167,16 +182,16 @@ def test_health_answers_during_a_long_generation_and_leaving_clients_cancel_thei
     wait_until(lambda: server_state(live_server)[0]["pending_generations"] == 1, "a generation runs")
     health, _ = server_state(live_server)  # answered while the model is busy with a long generation
     assert health["status"] == "ok" and health["pending_generations"] == 1
-    queued = open_request(live_server, "/v1/ask", {**body, "prompt": "What is it?"})
-    wait_until(lambda: server_state(live_server)[0]["waiting_generations"] == 1, "a second one waits")
+    queued = open_request(live_server, "/v1/caption", body)  # as long as the first: it cannot finish on its own
+    wait_until(lambda: server_state(live_server)[0]["pending_generations"] == 2, "a second one waits or joins")
     queued.close()
-    wait_until(lambda: server_state(live_server)[1].get("skipped_client_gone", 0) > before.get(
-        "skipped_client_gone", 0), "the queued generation is dropped")
+    wait_until(lambda: gone(server_state(live_server)[1]) > gone(before), "the second generation is dropped")
     assert server_state(live_server)[0]["pending_generations"] == 1  # the first still runs
     running.close()
     idle(live_server)
     after = server_state(live_server)[1]
-    assert after.get("cancelled_client_gone", 0) == before.get("cancelled_client_gone", 0) + 1
+    assert gone(after) == gone(before) + 2
+    assert after.get("cancelled_client_gone", 0) >= before.get("cancelled_client_gone", 0) + 1
     assert after.get("completed", 0) == before.get("completed", 0)
 
 
@@ -213,3 +228,30 @@ def test_a_client_leaving_mid_upload_is_a_499_not_a_server_error(live_server):
                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"image\": ".encode())
     wait_until(lambda: caption_statuses().get("499", 0) == before.get("499", 0) + 1, "the server saw the client go")
     assert caption_statuses().get("500", 0) == before.get("500", 0)
+
+
+def test_concurrent_requests_decode_together_and_get_the_answers_of_single_requests(captioner):
+    """Four requests queue while the first is held before its prefill; released, they decode in one batch (joining
+    at successive steps), one of them streamed, and each gets the answer it gets alone."""
+    from test_server import PNG, sse_events
+
+    gated = GatedCaptioner(captioner)
+    questions = [("Describe this image.", 12), ("What color is the square in the corner?", 4),
+                 ("Count the shapes.", 20), ("Is it day or night?", 9)]
+    streamed_question = ("Describe the colors.", 16)
+    with TestClient(create_app(gated, max_batch=4)) as client, ThreadPoolExecutor(max_workers=5) as pool:
+        asks = [pool.submit(client.post, "/v1/ask", json={"image": B64, "prompt": q, "max_new_tokens": n})
+                for q, n in questions[:1]]
+        wait_until(lambda: running_alone(client), "the first is held")
+        asks += [pool.submit(client.post, "/v1/ask", json={"image": B64, "prompt": q, "max_new_tokens": n})
+                 for q, n in questions[1:]]
+        body = chat_body(streamed_question[0], IMAGE_PART, max_tokens=streamed_question[1], stream=True)
+        stream = pool.submit(client.post, "/v1/chat/completions", json=body)
+        wait_until(lambda: client.get("/health").json()["waiting_generations"] == 4, "four wait")
+        gated.gate.set()
+        texts = [future.result(timeout=120).json()["text"] for future in asks]
+        events = sse_events(stream.result(timeout=120).text)
+        streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+        assert client.get("/metrics").json()["generations"] == {"completed": 5}
+    assert texts == [captioner.generate(PNG, q, n).text for q, n in questions]
+    assert streamed == captioner.generate(PNG, *streamed_question).text
