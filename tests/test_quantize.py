@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from molmocap.export.onnx_graph import GraphBuilder
 from molmocap.export.exporter import export
+from molmocap.export.onnx_graph import GraphBuilder
 from molmocap.export.plan import INT8_BLOCKS, PLANS
 from molmocap.export.quantize import QuantLinear, linear_node, quantize_blockwise, quantize_int8_per_channel
 from molmocap.runtime.manifest import load_manifest
