@@ -25,10 +25,13 @@ DEFAULT_MODEL = DEMO_MODEL_DIR
 POINT_MAX_NEW_TOKENS = 256  # a point answer lists coordinates for every instance: longer than a caption
 
 
-def resolve_model(model: str | None) -> Path:
-    """--model, else $MOLMOCAP_MODEL, else the embedded demo model."""
+def resolve_model(model: str | None, notice: bool = True) -> Path:
+    """--model, else $MOLMOCAP_MODEL, else the embedded demo model; with `notice`, a model whose export check was
+    poor is said once on stderr (`check_notice`)."""
     chosen = model or os.environ.get("MOLMOCAP_MODEL")
     if chosen:
+        if notice:
+            check_notice(Path(chosen))
         return Path(chosen)
     if (DEFAULT_MODEL / "molmocap.json").is_file():
         return DEFAULT_MODEL
@@ -36,6 +39,19 @@ def resolve_model(model: str | None) -> Path:
         f"no model given and the embedded default model ({DEFAULT_MODEL}) is not there; "
         "export one with `molmocap export CHECKPOINT -o DIR` and pass --model DIR or set MOLMOCAP_MODEL"
     )
+
+
+def check_notice(model_dir: Path) -> None:
+    """One stderr line when `molmocap export --check` found this model's next tokens far from its reference's."""
+    from molmocap.runtime.manifest import read_manifest
+    from molmocap.runtime.quality import poor_check_notice
+
+    try:
+        message = poor_check_notice(read_manifest(model_dir).data.get("check"))
+    except ModelError:
+        return  # loading the model reports it, in its own words
+    if message:
+        click.echo(message, err=True)
 
 
 def demo_notice(demo: bool) -> None:
@@ -212,17 +228,33 @@ def main(quiet: bool) -> None:
               help="Weight precision: int8 everywhere; int4 decoder with int8 vision (least memory); mixed adds an "
                    "int8 prefill copy of the decoder for a fast first token.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export(src: str, out: Path, quant: str, force: bool) -> None:
+@click.option("--check", is_flag=True, help="After the export, compare its next-token predictions with a "
+              "higher-precision reference on a few images and record the figures in the model (molmocap info "
+              "shows them).")
+@click.option("--check-against", metavar="fp32|int8|transformers|DIR", default=None,
+              help="The check's reference: an export of SRC made for the check (fp32, int8), SRC through "
+                   "transformers (fp32; needs torch), or an exported model directory of the same checkpoint. "
+                   "Default: int8 for 4-bit plans, fp32 for int8, transformers for fp32.")
+@click.option("--check-images", "check_images", multiple=True, metavar="IMAGE",
+              help="An image for the check (repeat for several; default: three drawn pictures).")
+def export(src: str, out: Path, quant: str, force: bool, check: bool, check_against: str | None,
+           check_images: tuple[str, ...]) -> None:
     """Export a Molmo2 checkpoint SRC (a local directory, or a hub id when online) to ONNX.
 
-    Example: molmocap export ./Molmo2-4B -o ./molmo2-4b-onnx
+    Examples: molmocap export ./Molmo2-4B -o ./molmo2-4b-onnx;
+    molmocap export ./Molmo2-4B -o ./molmo2-4b-int4 --quant int4 --check
     """
     from molmocap.export import require_export_extra
 
+    if (check_against or check_images) and not check:
+        raise click.UsageError("--check-against and --check-images apply to --check")
     require_export_extra()
+    from molmocap.export.check import default_reference, resolve_images
     from molmocap.export.exporter import export as run_export
 
-    run_export(src, out, quant=quant, force=force, progress=lambda msg: click.echo(msg, err=True))
+    images = resolve_images(list(check_images)) if check else None  # a bad image is refused before the export
+    run_export(src, out, quant=quant, force=force, progress=lambda msg: click.echo(msg, err=True),
+               check=(check_against or default_reference(quant)) if check else None, check_images=images)
 
 
 @main.command()
@@ -517,7 +549,7 @@ def info(model: str | None, verify: bool, as_json: bool) -> None:
     from molmocap.runtime.info import gather, render_text
 
     try:
-        model_dir = resolve_model(model)
+        model_dir = resolve_model(model, notice=False)  # the check's figures are in the report
     except ModelError:
         model_dir = None  # no model anywhere: the environment part is still worth printing
     report = gather(model_dir, verify)

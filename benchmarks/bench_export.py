@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_cpu import PROMPT, bench_image
+from bench_cpu import PROMPT, bench_image, greedy
 from conditions import ROOT, conditions, load_average, results_path, save
 
 
@@ -91,8 +91,7 @@ def worker_tokens(model_dir: str, tokens: int, threads: int) -> list[int]:
     from molmocap import Captioner
 
     captioner = Captioner.load(model_dir, threads=threads)
-    captioner.stop_ids = set()
-    return list(captioner.generate(bench_image(), PROMPT, max_new_tokens=tokens, max_crops=1).token_ids)
+    return greedy(captioner, bench_image(), PROMPT, tokens, max_crops=1)[0]
 
 
 def compare(row: dict, reference: Path, tokens: int, threads: int) -> dict:

@@ -2,10 +2,12 @@
 
 Per scene: the short caption (exact match), up to three questions of different kinds (color, shape, count,
 position, presence, word; exact answer) and one pointing request (a point counts as a hit inside its object's box).
-Transformers (fp32, greedy `generate`) is the reference; molmocap runs each requested quantization from its own
-exported directory, and its token ids are compared with the reference's item by item. Run from the repository root:
+Transformers (fp32, greedy `generate`) is the reference; molmocap runs each requested plan (a `--quant` plan or a
+candidate of bench_int4_plans.py) from its own export, and its token ids are compared with the reference's item by
+item. fp32 is the shipped export (models/demo/onnx); every other plan is exported afresh from the checkpoint into a
+temporary folder (a second each), so no stale export is scored. Run from the repository root:
 
-    python benchmarks/eval_demo.py --n 300 --json
+    python benchmarks/eval_demo.py --n 300 --quant fp32 int8 int4 int4-head8 --json
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,16 +35,27 @@ RESULTS = ROOT / "benchmarks" / "results"
 MAX_NEW_TOKENS = 80
 
 
-def onnx_dir(quant: str) -> Path:
-    """Where the demo model exported with `quant` lives: models/demo/onnx for fp32, models/demo/onnx-<quant> else."""
-    return ROOT / "models" / "demo" / ("onnx" if quant == "fp32" else f"onnx-{quant}")
+SHIPPED = ROOT / "models" / "demo" / "onnx"
 
 
-def quant_modes() -> tuple[str, ...]:
-    """The quantizations the exporter can write (each one is evaluated from its own directory)."""
+def plan_names() -> tuple[str, ...]:
+    """The plans the exporter can write and the candidate 4-bit plans (each one is evaluated from its own export)."""
+    from bench_int4_plans import CANDIDATES
+
     from molmocap.export.plan import PLANS
 
-    return tuple(PLANS)
+    return tuple(dict.fromkeys([*PLANS, *CANDIDATES]))
+
+
+def export_plan(name: str, into: Path) -> Path:
+    """The demo checkpoint exported under plan `name` into `into`/<name> (fp32: the shipped export)."""
+    from bench_int4_plans import plan_for
+
+    from molmocap.export.exporter import export
+
+    if name == "fp32":
+        return SHIPPED
+    return export(str(CHECKPOINT), into / name, quant=name, plan=plan_for(name))
 
 
 class TransformersEngine:
@@ -121,30 +135,36 @@ def score(items: list[Item], results: list[dict]) -> dict:
     }
 
 
-def evaluate(seed: int, n: int, quants: list[str], progress: Callable[[str], None]) -> dict:
+def evaluate(seed: int, n: int, quants: list[str], progress: Callable[[str], None],
+             transformers: bool = True) -> dict:
+    """Score every engine on the same items; tokens are compared with transformers' (or, without it, with the fp32
+    export's, which the slow tests hold to transformers' tokens on every item)."""
     scenes = [make_scene(seed + i) for i in range(n)]
     items = [item for scene in scenes for item in eval_items(scene)]
     progress(f"{len(items)} items from {n} held-out scenes (seeds {seed}..{seed + n - 1})")
-    reference = TransformersEngine(CHECKPOINT)
-    engines: dict[str, Callable] = {"transformers-fp32": reference.answer}
-    for quant in quants:
-        model_dir = onnx_dir(quant)
-        if not model_dir.is_dir():
-            raise SystemExit(f"{model_dir} is missing: export it with export.exporter.export("
-                             f"'models/demo/checkpoint', Path('{model_dir.relative_to(ROOT)}'), quant='{quant}')")
-        engines[f"molmocap-{quant}"] = MolmocapEngine(model_dir, reference.max_crops).answer
+    engines: dict[str, Callable] = {}
+    if transformers:
+        reference = TransformersEngine(CHECKPOINT)
+        engines["transformers-fp32"], max_crops, ref_name = reference.answer, reference.max_crops, "transformers-fp32"
+    else:
+        from molmocap.runtime.manifest import read_manifest
 
-    outputs = {name: run_engine(name, answer, items, progress) for name, answer in engines.items()}
+        max_crops, ref_name = read_manifest(SHIPPED).preprocess["max_crops"], "molmocap-fp32"
+    with tempfile.TemporaryDirectory() as exports:
+        for quant in quants:
+            engines[f"molmocap-{quant}"] = MolmocapEngine(export_plan(quant, Path(exports)), max_crops).answer
+        outputs = {name: run_engine(name, answer, items, progress) for name, answer in engines.items()}
     scores = {name: score(items, results) for name, results in outputs.items()}
-    ref_ids = [r["ids"] for r in outputs["transformers-fp32"]]
+    ref_ids = [r["ids"] for r in outputs[ref_name]]
     report = {key: {name: round(s[key], 4) for name, s in scores.items()}
               for key in ("caption_exact", "qa_accuracy", "point_hit_rate")}
     report["attribute_accuracy"] = {name: s["attribute_accuracy"] for name, s in scores.items()}
-    report["identical_to_transformers"] = {
+    report["identical_to_transformers" if transformers else "identical_to_fp32"] = {
         name: round(sum(r["ids"] == ids for r, ids in zip(results, ref_ids)) / len(items), 4)
-        for name, results in outputs.items() if name != "transformers-fp32"}
-    report["meta"] = {"seed": seed, "scenes": n, "items": len(items), "max_crops": reference.max_crops,
-                      "max_new_tokens": MAX_NEW_TOKENS, "date": datetime.date.today().isoformat()}
+        for name, results in outputs.items() if name != ref_name}
+    report["meta"] = {"seed": seed, "scenes": n, "items": len(items), "max_crops": max_crops,
+                      "max_new_tokens": MAX_NEW_TOKENS, "reference": ref_name,
+                      "date": datetime.date.today().isoformat()}
     report["mismatches"] = [
         {"engine": name, "seed": r["seed"], "prompt": r["prompt"], "expected": r["expected"], "got": r["text"]}
         for name, results in outputs.items() for r in results if r["text"].strip() != r["expected"]
@@ -157,23 +177,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED,
                         help="first held-out scene seed (default: %(default)s)")
     parser.add_argument("--n", type=int, default=300, help="number of scenes (default: %(default)s)")
-    parser.add_argument("--quant", nargs="+", default=["fp32"], choices=quant_modes(),
-                        help="molmocap quantizations to evaluate (default: fp32)")
+    parser.add_argument("--quant", nargs="+", default=["fp32"], choices=plan_names(),
+                        help="molmocap plans to evaluate (default: fp32)")
+    parser.add_argument("--skip-transformers", action="store_true",
+                        help="do not run transformers (the slow part); compare tokens with the fp32 export's")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
     if args.seed < HELD_OUT_SEED:
         parser.error(f"seeds below {HELD_OUT_SEED} are training scenes")
+    if args.skip_transformers and "fp32" not in args.quant:
+        parser.error("without transformers the fp32 export is the reference: add fp32 to --quant")
 
     progress = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     started = conditions("torch", "transformers")
-    report = {**evaluate(args.seed, args.n, args.quant, progress), "conditions": started}
+    report = {**evaluate(args.seed, args.n, args.quant, progress, not args.skip_transformers), "conditions": started}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"eval_demo-{report['meta']['date']}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "mismatches"}))
         return
-    for key in ("caption_exact", "qa_accuracy", "point_hit_rate", "identical_to_transformers"):
+    for key in ("caption_exact", "qa_accuracy", "point_hit_rate", next(k for k in report if k.startswith("identical"))):
         print(f"{key:26s} " + "  ".join(f"{name} {value:.3f}" for name, value in report[key].items()))
     for name, per_kind in report["attribute_accuracy"].items():
         print(f"{'accuracy by kind':26s} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_kind.items()))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from PIL import Image
 from tokenizers import Tokenizer
 
 from molmocap.runtime.errors import ExportError, InputError
@@ -17,6 +18,7 @@ from molmocap.runtime.files import sha256_file, write_json_atomic
 from molmocap.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME
 from molmocap.runtime.styles import STYLES
 
+from .check import drawn_images, run_check, validate_reference
 from .checkpoint import Checkpoint, load_checkpoint, resolve_source
 from .plan import PLANS, ExportPlan
 from .processing import Processing
@@ -92,7 +94,7 @@ def build_manifest(ckpt: Checkpoint, quant: str, plan: ExportPlan, files: list[P
         "source": ckpt.source,
         "model_type": cfg.model_type,
         "quant": quant,
-        "plan": plan.to_dict(),
+        "plan": plan.to_dict(text.num_hidden_layers),
         "geometry": {
             "vision": {"hidden_size": vision.hidden_size, "num_layers": vision.num_hidden_layers,
                        "num_heads": vision.num_attention_heads, "head_dim": vision.head_dim,
@@ -142,14 +144,20 @@ def build_manifest(ckpt: Checkpoint, quant: str, plan: ExportPlan, files: list[P
 
 
 def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
-           progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Export `src` to `out` under the `quant` plan (fp32, int8, int4, mixed).
+           progress: Callable[[str], None] = lambda msg: None, plan: ExportPlan | None = None,
+           check: str | None = None, check_images: list[tuple[str, Image.Image]] | None = None) -> Path:
+    """Export `src` to `out` under the `quant` plan (one of `PLANS`; or `plan`, recorded under the name `quant`,
+    for the benchmarks that measure candidate plans).
 
-    The directory appears whole or not at all: it is built beside `out` and renamed into place.
+    With `check` (a reference: fp32, int8, transformers or a model directory; see `check.py`), the new export is
+    compared with it on `check_images` (default: drawn ones) and the figures go into the manifest's `check`.
+    The directory appears whole, its check included, or not at all: it is built beside `out` and renamed into place.
     """
-    if quant not in PLANS:
+    if plan is None and quant not in PLANS:
         raise InputError(f"unsupported quantization {quant!r}; choose one of {', '.join(PLANS)}")
-    plan = PLANS[quant]
+    plan = plan or PLANS[quant]
+    if check is not None:
+        validate_reference(check)
     out = Path(out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} already exists and is not empty (use --force to replace it)")
@@ -177,14 +185,22 @@ def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
         progress("embeddings")
         build_embed(work / "embed.onnx", weights, cfg.text_config, plan.embed)
         rope = ckpt.rope
-        build_decoder(work / "decoder.onnx", weights, cfg.text_config, rope, plan.prefill, plan.lm_head, progress)
+        layers = cfg.text_config.num_hidden_layers
+        build_decoder(work / "decoder.onnx", weights, cfg.text_config, rope, plan.decoder_layers(plan.prefill, layers),
+                      plan.lm_head, progress)
         if plan.step:
-            build_decoder(work / "decoder_step.onnx", weights, cfg.text_config, rope, plan.step, plan.lm_head,
-                          progress)
+            build_decoder(work / "decoder_step.onnx", weights, cfg.text_config, rope,
+                          plan.decoder_layers(plan.step, layers), plan.lm_head, progress)
         ckpt.processing.tokenizer.save(str(work / "tokenizer.json"))
         progress("checksums")
         files = [f for f in work.iterdir() if f.is_file()]
-        write_json_atomic(work / MANIFEST_NAME, build_manifest(ckpt, quant, plan, files))
+        manifest = build_manifest(ckpt, quant, plan, files)
+        write_json_atomic(work / MANIFEST_NAME, manifest)
+        if check is not None:
+            manifest["check"] = run_check(work, check, src, check_images or drawn_images(), progress=progress)
+            write_json_atomic(work / MANIFEST_NAME, manifest)
+            progress(f"check against {manifest['check']['reference']}: next-token agreement "
+                     f"{manifest['check']['top1_agreement']:.1%}, logit cosine {manifest['check']['cosine_mean']:.4f}")
         work.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)

@@ -8,6 +8,10 @@ adds an int8 copy of the decoder for the prefill (fast first token, more memory)
 
 4-bit blocks of 128: on the 4B decoder a decode step took the same time as with blocks of 32, while the loaded
 session needed 2.6 GB instead of 3.75 GB (MatMulNBits' int8-compute packing keeps per-block scales and sums).
+
+Parts of a 4-bit decoder that a plan keeps at 8 bits (the lm_head, the first and last layers) use MatMulNBits'
+8-bit blocks rather than int8 DynamicQuantizeMatMul: at one row (a decode step) it read the 4B's largest projection
+in 1.8 ms against 3.9 ms, with a smaller error (`benchmarks/results/kernels-2026-12-04.json`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from .quantize import FP32, QuantLinear
 
 INT8 = QuantLinear("int8")
 INT4 = QuantLinear("nbits", bits=4, block_size=128, accuracy_level=4)
+INT8_BLOCKS = QuantLinear("nbits", bits=8, block_size=128, accuracy_level=4)
 
 
 @dataclass(frozen=True)
 class ExportPlan:
-    """Per-part precision. `step` is None when one decoder graph serves both prefill and decode steps."""
+    """Per-part precision. `step` is None when one decoder graph serves both prefill and decode steps. The first and
+    last `edge_layers` decoder layers use `edge` instead of the decoder's precision (in every decoder graph)."""
 
     vision: QuantLinear
     adapter: QuantLinear
@@ -30,12 +36,28 @@ class ExportPlan:
     step: QuantLinear | None
     lm_head: QuantLinear
     embed: str
+    edge_layers: int = 0
+    edge: QuantLinear = INT8_BLOCKS
 
-    def to_dict(self) -> dict:
-        return {"vision": self.vision.to_dict(), "adapter": self.adapter.to_dict(),
+    def edge_indices(self, num_layers: int) -> list[int]:
+        """The decoder layers (0-based) that `edge` applies to."""
+        count = min(self.edge_layers, num_layers)
+        return sorted(set(range(count)) | set(range(num_layers - count, num_layers)))
+
+    def decoder_layers(self, how: QuantLinear, num_layers: int) -> list[QuantLinear]:
+        """Each decoder layer's precision in a decoder whose layers are otherwise `how`."""
+        edges = set(self.edge_indices(num_layers))
+        return [self.edge if i in edges else how for i in range(num_layers)]
+
+    def to_dict(self, num_layers: int) -> dict:
+        """The plan as the manifest records it, for a decoder of `num_layers` layers."""
+        plan = {"vision": self.vision.to_dict(), "adapter": self.adapter.to_dict(),
                 "decoder_prefill": self.prefill.to_dict(),
                 "decoder_step": (self.step or self.prefill).to_dict(),
                 "lm_head": self.lm_head.to_dict(), "embed": self.embed}
+        if self.edge_layers:
+            plan["decoder_edge_layers"] = {**self.edge.to_dict(), "layers": self.edge_indices(num_layers)}
+        return plan
 
 
 PLANS = {

@@ -63,9 +63,11 @@ def _head_rms_norm(g: GraphBuilder, x: str, heads: int, head_dim: int, weight: n
 
 
 def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]],
-                  how: QuantLinear = FP32, lm_head: QuantLinear = FP32,
+                  layers_how: list[QuantLinear], lm_head: QuantLinear = FP32,
                   progress: Callable[[str], None] = lambda msg: None) -> None:
     """The language model over `seq` new positions, reading and writing a preallocated KV cache in place.
+
+    `layers_how[i]` is the precision of layer i's projections (`ExportPlan.decoder_layers`).
 
     Inputs: inputs_embeds [batch, seq, hidden]; attention_bias [batch, 1, seq, total] (additive: 0 where attention
     is allowed, float32 min elsewhere; the runtime builds the Molmo2 image-block rule into it, zeros for a decode
@@ -92,6 +94,7 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
     for i in range(cfg.num_hidden_layers):
         progress(f"{path.stem} layer {i + 1}/{cfg.num_hidden_layers}")
         p = f"{LM}.layers.{i}"
+        how = layers_how[i]
         past_k, past_v, present_k, present_v = kv_names(i)
         for name in (past_k, past_v):
             g.input(name, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])

@@ -40,13 +40,15 @@ class EncodedImage:
 
 @dataclass
 class DecodeState:
-    """A generation in progress (see `Captioner.prefill`): the KV cache, the logits for the next token and the
-    prompt's token ids. `Captioner.step` feeds one more token. Once the sequence has joined a `DecodeBatch`, the
-    batch holds its positions and `cache` is None."""
+    """A generation in progress (see `Captioner.prefill`): the KV cache, the logits for the next token, the
+    prompt's token ids and where the time to them went (`preprocess_s`, `vision_s`, `prefill_s`).
+    `Captioner.step` feeds one more token. Once the sequence has joined a `DecodeBatch`, the batch holds its
+    positions and `cache` is None."""
 
     cache: KVCache | None
     logits: np.ndarray
     prompt_ids: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def positions(self) -> int:
@@ -190,8 +192,11 @@ class Captioner:
         The state holds the logits of the first answer token; `step` feeds each token chosen after it. An
         `EncodedImage` keeps (or reuses) the KV cache of its image block, as in `generate`.
         """
-        encoded, _, ids = self._prepare(image, prompt, max_crops)
-        return self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
+        encoded, timings, ids = self._prepare(image, prompt, max_crops)
+        start = time.perf_counter()
+        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
+        state.timings = {**timings, "prefill_s": time.perf_counter() - start}
+        return state
 
     def step(self, state: DecodeState, token: int) -> np.ndarray:
         """Feed `token` at the next position of `state`; returns (and keeps in `state`) the next logits [vocab]."""

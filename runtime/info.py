@@ -17,6 +17,7 @@ from .cache import ResultCache, cache_dir
 from .demo import is_demo_model
 from .errors import CacheError, ModelError
 from .manifest import read_manifest
+from .quality import is_poor, summary
 
 CPUINFO = Path("/proc/cpuinfo")
 # /proc/cpuinfo flags (x86 "flags", Arm "Features") that name each feature the CPU kernels care about.
@@ -70,15 +71,19 @@ def model_info(model_dir: Path, verify: bool = False) -> dict:
         "total_bytes": sum(entry["bytes"] for entry in files),
         "verification": overall,
         "error": error,
+        "check": manifest.data.get("check"),
     }
 
 
 def plan_kinds(plan: dict) -> dict[str, str]:
-    """Each part's precision in one word (fp32, int8, int4), from the manifest's export plan."""
+    """Each part's precision in one word (fp32, int8, int4), from the manifest's export plan; the decoder layers a
+    plan keeps at another precision are named."""
     kinds = {}
     for part, spec in plan.items():
         if isinstance(spec, dict):
             kinds[part] = f"int{spec['bits']}" if spec.get("kind") == "nbits" else str(spec.get("kind"))
+            if "layers" in spec:
+                kinds[part] += f" (layers {', '.join(map(str, spec['layers']))})"
         else:
             kinds[part] = str(spec)
     return kinds
@@ -177,6 +182,12 @@ def render_text(report: dict) -> str:
         hint = {"verified": "", "not yet": " (checked on first load; --verify checks now)",
                 "mismatch": " (re-export or re-download the model)"}[model["verification"]]
         lines.append(f"verification: {model['verification']}{hint}")
+        check = model["check"]
+        if check is None:
+            lines.append("check: not measured (molmocap export --check measures what the quantization costs)")
+        else:
+            poor = " (poor: answers often differ from the reference's)" if is_poor(check) else ""
+            lines.append(f"check: {summary(check)}, {check.get('date', 'undated')}{poor}")
     ort_info, cpu, cache = report["onnxruntime"], report["cpu"], report["cache"]
     lines.append(f"onnxruntime: {ort_info['version']} (providers: {', '.join(ort_info['providers'])})")
     features = ("unknown (no /proc/cpuinfo)" if cpu["features"] is None

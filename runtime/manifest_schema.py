@@ -3,7 +3,8 @@
 A manifest edited by hand, cut short or written by another tool would otherwise fail deep inside captioning (a
 KeyError in the decoder, numpy comparing a string with an int) with a traceback, or not fail at all and run with
 nonsense; checked here, it is one `ModelError` line naming the field. Fields the runtime does not read (source,
-plan, quant, geometry.vision) are not checked, nor are unknown ones.
+plan, quant, geometry.vision, the check's details) are not checked, nor are unknown ones; `check` (the figures of
+`molmocap export --check`) is optional, so manifests written before it stay valid.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ SCHEMA = {
     "stop_token_ids": ListOf(INDEX),
     "components": {"vision": str, "adapter": str, "embed": str, "decoder": str, "decoder_step": Optional(str)},
     "files": ListOf({"path": str, "bytes": INDEX, "sha256": str}),
+    "check": Optional({"reference": str, "positions": POSITIVE, "top1_agreement": NUMBER, "cosine_mean": NUMBER}),
 }
 
 

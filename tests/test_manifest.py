@@ -52,6 +52,17 @@ def test_corrupted_file_is_refused_at_load(model_copy):
         read_manifest(model_copy).verify_files()
 
 
+def test_check_figures_are_optional_and_checked_when_present(model_copy):
+    path = model_copy / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    assert "check" not in data  # an export without --check, as every manifest before the field: still valid
+    load_manifest(model_copy)
+    data["check"] = {"reference": "int8", "positions": 48, "top1_agreement": "high", "cosine_mean": 0.99}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="check.top1_agreement must be a number"):
+        read_manifest(model_copy)
+
+
 def one_line_error(proc) -> str:
     """The single `error:` line of a refused command (exit 2, nothing on stdout, no traceback)."""
     lines = proc.stderr.strip().splitlines()

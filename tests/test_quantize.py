@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from molmocap.export.exporter import export
 from molmocap.export.onnx_graph import GraphBuilder
-from molmocap.export.plan import PLANS
+from molmocap.export.plan import INT8_BLOCKS, PLANS
 from molmocap.export.quantize import QuantLinear, linear_node, quantize_blockwise, quantize_int8_per_channel
 from molmocap.runtime.manifest import load_manifest
 
@@ -62,9 +66,24 @@ def test_linear_node_computes_x_wt_plus_b(how, tmp_path):
 def test_manifest_records_the_plan_and_no_fp32_tables_remain(quantized):
     for quant, path in quantized.items():
         manifest = load_manifest(path)
-        assert manifest.data["plan"] == PLANS[quant].to_dict()
+        assert manifest.data["plan"] == PLANS[quant].to_dict(manifest.geometry["text"]["num_layers"])
         assert ("decoder_step" in manifest.data["components"]) == (quant == "mixed")
     int4 = load_manifest(quantized["int4"]).data["plan"]
     assert int4["embed"] == "int8" and int4["lm_head"]["kind"] == "nbits"
     sizes = {q: sum(e["bytes"] for e in load_manifest(p).data["files"]) for q, p in quantized.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_edge_layers_are_kept_at_eight_bits(checkpoints, tmp_path):
+    out = export(str(checkpoints["qwen3_gqa"]), tmp_path / "edge", quant="int4-edge1",
+                 plan=replace(PLANS["int4"], edge_layers=1, lm_head=INT8_BLOCKS))
+    manifest = load_manifest(out)
+    layers = manifest.geometry["text"]["num_layers"]
+    assert manifest.data["plan"]["decoder_edge_layers"] == {**INT8_BLOCKS.to_dict(), "layers": [0, layers - 1]}
+    bits = {}
+    for node in onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            name = node.input[1]
+            part = "lm_head" if name.startswith("lm_head") else int(name.split(".layers.")[1].split(".")[0])
+            bits.setdefault(part, set()).add(next(a.i for a in node.attribute if a.name == "bits"))
+    assert bits == {"lm_head": {8}, 0: {8}, layers - 1: {8}, **{i: {4} for i in range(1, layers - 1)}}
