@@ -216,12 +216,9 @@ class Captioner:
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         t0 = time.perf_counter()
-        encoded, timings, ids = self._prepare(image, prompt, max_crops)
-        max_new_tokens = min(max_new_tokens, self.max_positions - len(ids))
-        t_prefill = time.perf_counter()
-        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
-        timings["prefill_s"] = time.perf_counter() - t_prefill
-        return Generation(self, state, max_new_tokens, on_text, timings, t0)
+        state = self.prefill(image, prompt, max_new_tokens, max_crops)
+        max_new_tokens = min(max_new_tokens, self.max_positions - len(state.prompt_ids))
+        return Generation(self, state, max_new_tokens, on_text, state.timings, t0)
 
     def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
