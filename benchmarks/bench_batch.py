@@ -1,9 +1,11 @@
 """Batched decoding against one sequence at a time: aggregate decode tokens/s, a folder's images per hour, a server.
 
-Three parts, each in the same process side by side (`--parts`, default all):
+Four parts, each in the same process side by side (`--parts`, default decode,folder,server):
 - decode: B = 1, 2, 4, 8 questions about one encoded image (`Captioner.start` on an `EncodedImage`, so only the
-  questions are prefilled), joined into a `DecodeBatch` and stepped `--tokens` times; aggregate tokens/s =
-  B x tokens / the steps' wall time (prefill excluded; stop tokens ignored so every row decodes every step).
+  questions are prefilled), prefilled into a `DecodeBatch` and stepped `--tokens` times; aggregate tokens/s =
+  tokens decoded / the steps' wall time (prefill excluded; a row that reaches a stop token stops counting).
+- pad: what batch-invariant 4-bit decoding would cost one sequence: a decode step of one row against the same row
+  padded to two (MatMulNBits' pair kernel instead of its single-row one), steps interleaved, `--tokens` of each.
 - folder: `--images` different pictures (640x480, as bench_cpu) captioned by `run_batch` into a fresh results file
   without the result cache, `--batch-size` 1 (today's sequential batch) against each size in `--sizes`; images per
   hour = images / wall time (preprocessing, vision, prefill and decoding included).
@@ -55,19 +57,19 @@ def folder_image(index: int) -> Image.Image:
 
 def decode_part(captioner: Captioner, args: argparse.Namespace) -> dict:
     encoded = captioner.encode_image(bench_image(), max_crops=args.max_crops)
-    captioner.stop_ids = set()  # every row decodes every step
     figures = {}
     for size in BATCH_SIZES:
         rates, loads = [], []
         for _ in range(args.runs):
             batch = DecodeBatch(captioner, max_batch=size)
             for question in QUESTIONS[:size]:
-                batch.join(captioner.start(encoded, question, args.tokens + 1))
+                captioner.start(encoded, question, args.tokens + 1, batch=batch)
             before = load_average()
-            start = time.perf_counter()
+            decoded, start = 0, time.perf_counter()
             for _ in range(args.tokens):
+                decoded += len(batch)
                 batch.step()
-            rates.append(size * args.tokens / (time.perf_counter() - start))
+            rates.append(decoded / (time.perf_counter() - start))
             loads.append([before, load_average()])
         figures[str(size)] = {"aggregate_tokens_per_s": spread(rates, 2), "load_average_before_after": loads}
         print(f"decode B={size}: {figures[str(size)]['aggregate_tokens_per_s']}", flush=True)
@@ -76,6 +78,35 @@ def decode_part(captioner: Captioner, args: argparse.Namespace) -> dict:
         figures[str(size)]["vs_b1"] = round(figures[str(size)]["aggregate_tokens_per_s"]["median"] / one, 2)
     return {"prompt_tokens": len(captioner.start(encoded, QUESTIONS[0], 1).state.prompt_ids),
             "tokens_per_row": args.tokens, "by_batch_size": figures}
+
+
+def pad_part(captioner: Captioner, args: argparse.Namespace) -> dict:
+    state = captioner.prefill(bench_image(), QUESTIONS[0], 2 * args.tokens + 2, args.max_crops)
+    decoder = captioner.decoder
+    cache = decoder.new_cache(state.cache.capacity, rows=2)
+    runs: dict[str, list[float]] = {"one_row_ms": [], "two_rows_ms": []}
+    loads = []
+    for _ in range(args.runs):
+        for row in (0, 1):
+            cache.copy_row(state.cache, 0, row)
+        embeds = captioner.embed(np.array([[state.greedy_token]] * 2, dtype=np.int64))
+        one, two = [], []
+        before = load_average()
+        for _ in range(args.tokens):
+            start = time.perf_counter()
+            decoder.step_rows(embeds[:1], cache)
+            one.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            decoder.step_rows(embeds, cache, 0)
+            two.append(time.perf_counter() - start)
+        runs["one_row_ms"].append(1e3 * float(np.median(one)))
+        runs["two_rows_ms"].append(1e3 * float(np.median(two)))
+        loads.append([before, load_average()])
+    figures = {name: spread(values, 1) for name, values in runs.items()}
+    figures["padding_cost"] = round(figures["two_rows_ms"]["median"] / figures["one_row_ms"]["median"] - 1, 3)
+    figures["load_average_before_after"] = loads
+    print(f"pad: {figures}", flush=True)
+    return figures
 
 
 def folder_part(args: argparse.Namespace) -> dict:
@@ -234,6 +265,7 @@ def main() -> None:
             "threads": args.threads, "runs": args.runs}
     path = RESULTS / f"batch-{args.label}-{datetime.date.today().isoformat()}.json"
     runs = {"decode": lambda: decode_part(Captioner.load(args.model, threads=args.threads), args),
+            "pad": lambda: pad_part(Captioner.load(args.model, threads=args.threads), args),
             "folder": lambda: folder_part(args), "server": lambda: server_part(args)}
     for part in parts:
         data[part] = runs[part]()

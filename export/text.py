@@ -74,7 +74,9 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
     step); seqlens_k [batch] int32 (total - 1) and total_sequence_length int32 (past + seq, the positions in use);
     and per layer the key/value buffers [batch, kv_heads, capacity, head_dim]. Outputs: next-token logits of the last
     position [batch, vocab] and per layer the same buffers with the new positions written (bind each present output
-    to its past input's buffer: GroupQueryAttention then writes the `seq` new rows in place and copies nothing).
+    to its past input's buffer: GroupQueryAttention then writes the `seq` new rows in place and copies nothing), and
+    `next_token` [batch] int64, the greedy choice (the first highest logit), so a GPU run need not send the logits
+    back.
 
     Attention is ONNX Runtime's GroupQueryAttention with its rotary (RoPE on positions past .. total - 1, which it
     derives from seqlens_k) and `causal=0`, so the bias alone decides what each position sees.
@@ -139,4 +141,5 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
     last = layers.rms_norm(g, last, w.get(f"{LM}.norm.weight"), cfg.rms_norm_eps, f"{LM}.norm")
     logits = layers.linear(g, last, w, "lm_head", lm_head)
     g.output(logits, "logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])
+    g.output(g.op("ArgMax", [logits], axis=-1, keepdims=0), "next_token", TensorProto.INT64, ["batch"])
     g.save()

@@ -180,14 +180,13 @@ class Runner:
             if results[index] is not None:
                 continue
             captioner = self.load()
+            batch = batch or DecodeBatch(captioner, len(items))
             try:
                 generation = captioner.start(image, request.prompt_for(self.manifest), request.max_new_tokens,
-                                             request.max_crops)
+                                             request.max_crops, batch=batch)
             except InputError as exc:
                 results[index] = exc
                 continue
-            batch = batch or DecodeBatch(captioner, len(items))
-            batch.join(generation)
             started.append((index, key, image_sha256, generation))
         while batch:
             batch.step()

@@ -13,7 +13,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from .batching import DEFAULT_MAX_BATCH, DecodeBatch
-from .decoder import Decoder, KVCache, prefill_bias
+from .decoder import Decoder, KVCache, Logits, prefill_bias
 from .errors import InputError, ModelError
 from .image_io import load_image
 from .manifest import Manifest, load_manifest
@@ -40,22 +40,36 @@ class EncodedImage:
 
 @dataclass
 class DecodeState:
-    """A generation in progress (see `Captioner.prefill`): the KV cache, the logits for the next token, the
-    prompt's token ids and where the time to them went (`preprocess_s`, `vision_s`, `prefill_s`).
-    `Captioner.step` feeds one more token. Once the sequence has joined a `DecodeBatch`, the batch holds its
-    positions and `cache` is None."""
+    """A generation in progress (see `Captioner.prefill`): the KV cache and its row holding this sequence, the
+    decoder's output for the next token (row `output_row` of `output`), the prompt's token ids and where the time
+    to them went (`preprocess_s`, `vision_s`, `prefill_s`). `Captioner.step` feeds one more token, unless the
+    sequence belongs to a `DecodeBatch` (`batch`), which then steps it with the others; once it has left the
+    batch, its row belongs to others and `cache` is None."""
 
     cache: KVCache | None
-    logits: np.ndarray
+    output: Logits
     prompt_ids: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    row: int = 0
+    output_row: int = 0
+    batch: DecodeBatch | None = None
+
+    @property
+    def logits(self) -> np.ndarray:
+        """The next-token logits [vocab] (copied to host memory when the decoder runs on a GPU)."""
+        return self.output.numpy()[self.output_row]
+
+    @property
+    def greedy_token(self) -> int:
+        """The token greedy decoding picks next (the first highest logit)."""
+        return self.output.token(self.output_row)
 
     @property
     def positions(self) -> int:
         """Positions in the cache: the prompt and every token fed since."""
         if self.cache is None:
-            raise ValueError("this sequence's positions are held by the DecodeBatch it joined")
-        return self.cache.length
+            raise ValueError("this sequence has left its DecodeBatch; its positions are gone")
+        return self.cache.lengths[self.row]
 
 
 @dataclass
@@ -94,7 +108,7 @@ class Generation:
     def next_token(self) -> int | None:
         """The token the logits choose, to be fed next; None once the answer is complete (a stop token, or the
         budget reached with this token)."""
-        token = int(np.argmax(self.state.logits))
+        token = self.state.greedy_token
         if token in self._stop_ids:
             return self._finish()
         self._first_token_at = self._first_token_at or time.perf_counter()
@@ -137,6 +151,7 @@ class Captioner:
         sessions = open_components(manifest, self.preprocess_config, threads, device)
         self.vision, self.adapter, self.embed_session = sessions["vision"], sessions["adapter"], sessions["embed"]
         self.decoder = Decoder(sessions["decoder"], manifest.geometry["text"], sessions.get("decoder_step"))
+        self.batch_crops = self.decoder.device != "cpu"  # a GPU takes every crop in one run
         tokens = manifest.tokens
         self.image_patch_id = tokens["image_patch_id"]
         self.structure_ids = tokens["image_structure_ids"]
@@ -172,7 +187,7 @@ class Captioner:
         ids = self._prompt_ids(prompt, token_grid(picture.height, picture.width, self.preprocess_config, max_crops))
         inputs = preprocess(picture, self.preprocess_config, max_crops)
         t1 = time.perf_counter()
-        embeddings = encode_image(self.vision, self.adapter, inputs)
+        embeddings = encode_image(self.vision, self.adapter, inputs, self.batch_crops)
         timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
         return EncodedImage(inputs, embeddings, timings), ids
 
@@ -186,39 +201,41 @@ class Captioner:
         return ids
 
     def prefill(self, image: ImageSource | EncodedImage, prompt: str | None = None,
-                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None) -> DecodeState:
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
+                batch: DecodeBatch | None = None) -> DecodeState:
         """Run the prompt about `image` through the decoder, with a KV cache sized for `max_new_tokens` more tokens.
 
         The state holds the logits of the first answer token; `step` feeds each token chosen after it. An
-        `EncodedImage` keeps (or reuses) the KV cache of its image block, as in `generate`.
+        `EncodedImage` keeps (or reuses) the KV cache of its image block, as in `generate`. With `batch`, the
+        prompt is prefilled straight into a free row of the batch's cache, ready to `DecodeBatch.join` without a
+        copy.
         """
         encoded, timings, ids = self._prepare(image, prompt, max_crops)
         start = time.perf_counter()
-        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage))
+        state = self._prefill_ids(encoded, ids, max_new_tokens, isinstance(image, EncodedImage), batch)
         state.timings = {**timings, "prefill_s": time.perf_counter() - start}
         return state
 
     def step(self, state: DecodeState, token: int) -> np.ndarray:
-        """Feed `token` at the next position of `state`; returns (and keeps in `state`) the next logits [vocab]."""
-        if state.cache is None:
-            raise ValueError("this sequence has joined a DecodeBatch; step it there")
-        if state.cache.length >= state.cache.capacity:
-            raise InputError(f"the generation is full: its KV cache holds {state.cache.capacity} positions")
-        state.logits = self.decoder.step(self.embed(np.array([[token]], dtype=np.int64)), state.cache)
+        """Feed `token` at the next position of `state`; returns the next logits [vocab] (`state.logits`)."""
+        self._feed(state, token)
         return state.logits
 
     def start(self, image: ImageSource | EncodedImage, prompt: str | None = None,
               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
-              on_text: Callable[[str], None] | None = None) -> Generation:
+              on_text: Callable[[str], None] | None = None, batch: DecodeBatch | None = None) -> Generation:
         """Encode `image` and prefill `prompt` (as `generate` does): a `Generation` ready for its first token, to be
-        stepped alone or in a `DecodeBatch`. Errors of the input (an unreadable image, a prompt too long) are
-        raised here, before any decoding."""
+        stepped alone, or, with `batch`, prefilled into a row of that `DecodeBatch` and joined to it. Errors of the
+        input (an unreadable image, a prompt too long) are raised here, before any decoding."""
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         t0 = time.perf_counter()
-        state = self.prefill(image, prompt, max_new_tokens, max_crops)
+        state = self.prefill(image, prompt, max_new_tokens, max_crops, batch)
         max_new_tokens = min(max_new_tokens, self.max_positions - len(state.prompt_ids))
-        return Generation(self, state, max_new_tokens, on_text, state.timings, t0)
+        generation = Generation(self, state, max_new_tokens, on_text, state.timings, t0)
+        if batch is not None:
+            batch.join(generation)
+        return generation
 
     def generate(self, image: ImageSource | EncodedImage, prompt: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_crops: int | None = None,
@@ -230,7 +247,7 @@ class Captioner:
         """
         generation = self.start(image, prompt, max_new_tokens, max_crops, on_text)
         while (token := generation.next_token()) is not None:
-            self.step(generation.state, token)
+            self._feed(generation.state, token)
         return generation.result()
 
     def generate_batch(self, images: Sequence[ImageSource | EncodedImage], prompts: Sequence[str | None] | None = None,
@@ -254,8 +271,7 @@ class Captioner:
         waiting = iter(range(count))
         while True:
             while not batch.full and (index := next(waiting, None)) is not None:
-                generations[index] = self.start(images[index], prompts[index], budgets[index], max_crops)
-                batch.join(generations[index])
+                generations[index] = self.start(images[index], prompts[index], budgets[index], max_crops, batch=batch)
             if not batch:
                 break
             batch.step()
@@ -281,15 +297,32 @@ class Captioner:
         encoded, ids = self._encode(image, max_crops, prompt)
         return encoded, dict(encoded.timings), ids
 
-    def _prefill_ids(self, encoded: EncodedImage, ids: np.ndarray, max_new_tokens: int, reuse: bool) -> DecodeState:
-        """Prefill `ids` into a cache with room for `max_new_tokens` more (within the model's positions)."""
+    def _feed(self, state: DecodeState, token: int) -> None:
+        """One decode step of a sequence decoded alone."""
+        if state.batch is not None:
+            raise ValueError("this sequence belongs to a DecodeBatch; step it there")
+        if state.positions >= state.cache.capacity:
+            raise InputError(f"the generation is full: its KV cache holds {state.cache.capacity} positions")
+        state.output = self.decoder.step(self.embed(np.array([[token]], dtype=np.int64)), state.cache, state.row)
+        state.output_row = 0
+
+    def _prefill_ids(self, encoded: EncodedImage, ids: np.ndarray, max_new_tokens: int, reuse: bool,
+                     batch: DecodeBatch | None) -> DecodeState:
+        """Prefill `ids` into a cache row (of `batch`, or of a cache of its own) with room for `max_new_tokens` more
+        (within the model's positions)."""
         capacity = min(len(ids) + max(max_new_tokens, 1), self.max_positions)
-        cache, start = self._reusable_prefix(encoded, ids, capacity) if reuse else (self.decoder.new_cache(capacity), 0)
-        embeds = self.embed(ids[None, start:])
-        if start == 0:
-            self._add_image_embeddings(embeds, ids, encoded.embeddings)
-        logits = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids, start), cache)
-        return DecodeState(cache, logits, ids)
+        cache, row = batch.reserve(capacity) if batch is not None else (self.decoder.new_cache(capacity), 0)
+        try:
+            start = self._reusable_prefix(encoded, ids, cache, row) if reuse else 0
+            embeds = self.embed(ids[None, start:])
+            if start == 0:
+                self._add_image_embeddings(embeds, ids, encoded.embeddings)
+            output = self.decoder.forward(embeds, prefill_bias(ids, self.structure_ids, start), cache, row)
+        except BaseException:
+            if batch is not None:
+                batch.release(row)
+            raise
+        return DecodeState(cache, output, ids, row=row)
 
     def _add_image_embeddings(self, embeds: np.ndarray, ids: np.ndarray, image_embeddings: np.ndarray) -> None:
         """Molmo2 adds (not substitutes) each image embedding onto its `<im_patch>` token embedding."""
@@ -298,18 +331,18 @@ class Captioner:
             raise ModelError(f"{rows.sum()} image tokens but {len(image_embeddings)} image embeddings")
         embeds[0, rows] += image_embeddings
 
-    def _reusable_prefix(self, encoded: EncodedImage, ids: np.ndarray, capacity: int) -> tuple[KVCache, int]:
-        """A KV cache of `capacity` positions covering the image block of `ids`, and where the prefill must start.
+    def _reusable_prefix(self, encoded: EncodedImage, ids: np.ndarray, cache: KVCache, row: int) -> int:
+        """Fill `row` of `cache` with the positions of the image block of `ids`; returns where the prefill goes on.
 
-        The first question about an `EncodedImage` computes and keeps it; later ones reuse a copy when their ids
+        The first question about an `EncodedImage` computes and keeps them; later ones copy them when their ids
         start with the same prefix.
         """
         if encoded.prefix_ids is not None and np.array_equal(ids[: len(encoded.prefix_ids)], encoded.prefix_ids):
-            return encoded.prefix_cache.copy(capacity), len(encoded.prefix_ids)
-        cache = self.decoder.new_cache(capacity)
+            cache.copy_row(encoded.prefix_cache, 0, row)
+            return len(encoded.prefix_ids)
         end = int(np.flatnonzero(np.isin(ids, self.structure_ids)).max()) + 1
         embeds = self.embed(ids[None, :end])
         self._add_image_embeddings(embeds, ids, encoded.embeddings)
-        self.decoder.forward(embeds, prefill_bias(ids[:end], self.structure_ids), cache)
-        encoded.prefix_ids, encoded.prefix_cache = ids[:end].copy(), cache.copy()
-        return cache, end
+        self.decoder.forward(embeds, prefill_bias(ids[:end], self.structure_ids), cache, row)
+        encoded.prefix_ids, encoded.prefix_cache = ids[:end].copy(), cache.copy(row=row)
+        return end

@@ -208,9 +208,11 @@ class ModelWorker:
                 admitted = [self._queue.popleft() for _ in range(min(len(self._queue), room))]
             for request in admitted:
                 # set_running_or_notify_cancel is False for a request dropped while it waited
-                if request.future.set_running_or_notify_cancel() and (generation := self._start(request)):
+                if not request.future.set_running_or_notify_cancel():
+                    continue
+                if self.max_batch > 1:
                     batch = batch or DecodeBatch(self.captioner, self.max_batch)  # an empty one is dropped too
-                    batch.join(generation)
+                if generation := self._start(request, batch):
                     members[id(generation)] = request
             for generation in list(batch.members if members else ()):
                 if members[id(generation)].job.cancel.is_set():
@@ -231,9 +233,10 @@ class ModelWorker:
             for generation in left:
                 self._finish(members.pop(id(generation)), generation)
 
-    def _start(self, request: _Request) -> Generation | None:
-        """Decode the request's image and prefill its prompt; None when the request is settled already (cancelled,
-        a bad image, a refused input, or run to its end alone when `max_batch` is 1)."""
+    def _start(self, request: _Request, batch: DecodeBatch | None) -> Generation | None:
+        """Decode the request's image and prefill its prompt into a row of `batch`, which it joins; None when the
+        request is settled already (cancelled, a bad image, a refused input, or run to its end alone when
+        `max_batch` is 1)."""
         job = request.job
         with self._lock:
             self._running += 1
@@ -254,7 +257,8 @@ class ModelWorker:
                 self._settle(request, result=result)
                 return None
             return self._counted(job, lambda: self.captioner.start(
-                picture, request.prompt, request.max_new_tokens, request.max_crops, on_text=request.checked))
+                picture, request.prompt, request.max_new_tokens, request.max_crops, on_text=request.checked,
+                batch=batch))
         except Exception as exc:  # noqa: BLE001 - handed to the request, which renders it
             self._settle(request, error=exc)
             return None

@@ -13,6 +13,9 @@ from conftest import CHECKPOINT_NAMES, ROOT, noise_image
 from molmocap.runtime import Captioner
 from molmocap.runtime.batching import DecodeBatch
 from molmocap.runtime.demo import DEMO_MODEL_DIR
+from molmocap.runtime.errors import InputError
+from molmocap.runtime.preprocess import preprocess
+from molmocap.runtime.vision import encode_image
 
 IMAGES = [noise_image(300, 520, seed=1), noise_image(640, 240, seed=2), noise_image(9, 13, seed=3),
           noise_image(200, 200, seed=4), noise_image(120, 380, seed=5)]
@@ -119,16 +122,93 @@ def test_streamed_pieces_stay_with_their_own_answer_and_a_failing_consumer_ends_
 def test_joined_sequences_hand_their_positions_to_the_batch(exported):
     captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
     generation = captioner.start(IMAGES[2], "Color?", 4, 1)
+    alone_cache = generation.state.cache
     batch = DecodeBatch(captioner, max_batch=1)
     batch.join(generation)
-    assert generation.state.cache is None and batch.full
+    assert generation.state.batch is batch and generation.state.cache is not alone_cache and batch.full
     with pytest.raises(ValueError):
         batch.join(captioner.start(IMAGES[2], "Color?", 4, 1))
     with pytest.raises(ValueError):
         captioner.step(generation.state, 5)
     while batch:
         batch.step()
+    assert generation.state.cache is None and generation.state.batch is None  # its row went back to the batch
     assert len(generation.result().token_ids) <= 4 and np.isfinite(generation.state.logits).all()
+
+
+def test_a_sequence_prefilled_into_the_batch_takes_its_reserved_row_without_a_copy(exported):
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    batch = DecodeBatch(captioner, max_batch=2)
+    first = captioner.start(IMAGES[0], PROMPTS[0], 6, 1, batch=batch)
+    second = captioner.start(IMAGES[1], PROMPTS[1], 6, 1, batch=batch)
+    assert (first.state.row, second.state.row) == (0, 1) and first.state.cache is second.state.cache
+    assert batch.members == [first, second] and batch.full
+    with pytest.raises(InputError):  # a refused input gives its reserved row back
+        captioner.start(IMAGES[2], "x " * 5000, 6, 1, batch=DecodeBatch(captioner, max_batch=1))
+    while batch:
+        batch.step()
+    assert [first.result().token_ids, second.result().token_ids] == alone(
+        captioner, IMAGES[:2], PROMPTS[:2], [6, 6], max_crops=1)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_freed_rows_are_refilled_by_moving_the_last_row_or_kept_for_the_next_sequence(compact, exported):
+    """On the CPU a leaving row is filled by the last one (no dummy rows to compute); on a GPU (compact=False) it
+    stays free, and later steps feed it a dummy token. Both give every sequence its own tokens."""
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    budgets = [3, 12, 12, 9]
+    expected = alone(captioner, IMAGES[:4], PROMPTS[:4], budgets, max_crops=1)
+    batch = DecodeBatch(captioner, max_batch=3, compact=compact)
+    started = [captioner.start(IMAGES[i], PROMPTS[i], budgets[i], 1, batch=batch) for i in range(3)]
+    while started[0].state.batch is not None:
+        batch.step()
+    assert started[2].state.row == (0 if compact else 2)
+    for _ in range(2):
+        batch.step()
+    late = captioner.start(IMAGES[3], PROMPTS[3], budgets[3], 1, batch=batch)  # takes the free row
+    assert late.state.row == (2 if compact else 0)
+    while batch:
+        batch.step()
+    assert [generation.result().token_ids for generation in [*started, late]] == expected
+
+
+def test_the_step_graph_picks_the_greedy_token_itself(exported):
+    """A decoder exported now returns `next_token` (ArgMax), so a GPU run need not send back the logits; it is the
+    first highest logit, as numpy picks it."""
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    assert "next_token" in {arg.name for arg in captioner.decoder.step_session.get_outputs()}
+    state = captioner.prefill(IMAGES[0], PROMPTS[0], 8, 1)
+    for _ in range(6):
+        assert state.greedy_token == int(np.argmax(state.logits))
+        captioner.step(state, state.greedy_token)
+
+
+def test_a_gpu_runs_all_crops_at_once_with_the_same_embeddings(exported):
+    captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
+    inputs = preprocess(IMAGES[1], captioner.preprocess_config, 4)
+    assert len(inputs.patches) > 2
+    one_by_one = encode_image(captioner.vision, captioner.adapter, inputs)
+    together = encode_image(captioner.vision, captioner.adapter, inputs, batch_crops=True)
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_4bit_batched_answers_do_not_depend_on_their_batchmates(quantized):
+    """MatMulNBits computes rows in pairs with one kernel and a lone row with another; a 4-bit step always runs an
+    even number of rows, so a sequence's logits are the same bit for bit beside one batchmate or two."""
+    captioner = Captioner.load(quantized["int4"], threads=1)
+    assert DecodeBatch(captioner).even_rows
+    logits = []
+    for companions in ([0], [0, 1]):  # the watched sequence ends up in row 1, then in row 2 of three
+        batch = DecodeBatch(captioner, max_batch=3)
+        for i in companions:
+            captioner.start(IMAGES[i], PROMPTS[i], 8, 1, batch=batch)
+        watched = captioner.start(IMAGES[3], PROMPTS[3], 8, 1, batch=batch)
+        rows = []
+        for _ in range(5):
+            batch.step()
+            rows.append(watched.state.logits.copy())
+        logits.append(np.stack(rows))
+    np.testing.assert_array_equal(logits[0], logits[1])
 
 
 def test_group_query_attention_reads_each_row_only_up_to_its_own_seqlens_k(exported):
@@ -137,14 +217,14 @@ def test_group_query_attention_reads_each_row_only_up_to_its_own_seqlens_k(expor
     seqlens_k[r] (the runtime's bias masks those positions as well)."""
     captioner = Captioner.load(exported["qwen3_gqa"], threads=1)
     states = [captioner.prefill(IMAGES[0], PROMPTS[1], 4, 2), captioner.prefill(IMAGES[2], PROMPTS[2], 4, 1)]
-    cache = captioner.decoder.new_batch_cache(2, max(state.cache.capacity for state in states) + 8)
-    for state in states:
-        cache.add(state.cache)
+    cache = captioner.decoder.new_cache(max(state.cache.capacity for state in states) + 8, rows=2)
+    for row, state in enumerate(states):
+        cache.copy_row(state.cache, 0, row)
     rng = np.random.default_rng(0)
     for array in cache.arrays.values():
         for row, length in enumerate(cache.lengths):
             array[row, :, length:] = rng.normal(size=array[row, :, length:].shape)
-    tokens = [int(np.argmax(state.logits)) for state in states]
+    tokens = [state.greedy_token for state in states]
     lengths = np.array(cache.lengths, dtype=np.int32)
     session = captioner.decoder.step_session
     binding = session.io_binding()
@@ -153,9 +233,7 @@ def test_group_query_attention_reads_each_row_only_up_to_its_own_seqlens_k(expor
     binding.bind_cpu_input("attention_bias", np.zeros((2, 1, 1, lengths.max() + 1), dtype=np.float32))
     binding.bind_cpu_input("seqlens_k", lengths)
     binding.bind_cpu_input("total_sequence_length", np.array(lengths.max() + 1, dtype=np.int32))
-    for name, value in cache.values(0, 2).items():
-        binding.bind_ortvalue_input(name, value)
-        binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+    cache.bind(binding, 0, 2)
     session.run_with_iobinding(binding)
     batched = binding.get_outputs()[0].numpy()
     assert lengths[0] != lengths[1]
