@@ -29,8 +29,8 @@ class KVCache:
     step reads the cache without copying it; `length` positions are in use.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
-        self.arrays = {f"past_key_values.{i}.{kind}": np.zeros((1, kv_heads, capacity, head_dim), dtype=np.float32)
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: type = np.float32) -> None:
+        self.arrays = {f"past_key_values.{i}.{kind}": np.zeros((1, kv_heads, capacity, head_dim), dtype=dtype)
                        for i in range(layers) for kind in ("key", "value")}
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
         self.step_bias = np.zeros((1, 1, 1, capacity), dtype=np.float32)  # a decode step sees every position
@@ -43,7 +43,7 @@ class KVCache:
     def copy(self, capacity: int | None = None) -> "KVCache":
         """An independent cache holding the same positions, with room for `capacity` (default: just those)."""
         first = next(iter(self.arrays.values()))
-        other = KVCache(len(self.arrays) // 2, first.shape[1], first.shape[3], capacity or self.length)
+        other = KVCache(len(self.arrays) // 2, first.shape[1], first.shape[3], capacity or self.length, first.dtype)
         if other.capacity < self.length:
             raise ValueError(f"a cache of {other.capacity} positions cannot hold {self.length}")
         for name, array in self.arrays.items():
@@ -62,10 +62,11 @@ class BatchKVCache:
     step's bias masks them too), so a reused row needs no clearing.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int) -> None:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int,
+                 dtype: type = np.float32) -> None:
         self.shape = (slots, kv_heads, capacity, head_dim)
         self.names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-        self.arrays = {name: np.zeros(self.shape, dtype=np.float32) for name in self.names}  # pages touched on use
+        self.arrays = {name: np.zeros(self.shape, dtype=dtype) for name in self.names}  # pages touched on use
         self.lengths: list[int] = []
         self._bound: dict[tuple[int, int], dict[str, ort.OrtValue]] = {}
 
@@ -111,7 +112,7 @@ class BatchKVCache:
         slots, kv_heads, old, head_dim = self.shape
         self.shape = (slots, kv_heads, capacity, head_dim)
         for name in self.names:
-            array = np.zeros(self.shape, dtype=np.float32)
+            array = np.zeros(self.shape, dtype=self.arrays[name].dtype)
             array[: self.rows, :, :old] = self.arrays[name][: self.rows]
             self.arrays[name] = array
         self._bound.clear()
@@ -121,7 +122,8 @@ class Decoder:
     """Runs the decoder graph over new positions of a `KVCache`: a prefill over the prompt, then one token at a time.
 
     A model exported with the `mixed` plan has a second graph for single-token steps (4-bit weights, fewest bytes
-    per token) beside the prefill graph (int8, fastest GEMM); otherwise one graph does both.
+    per token) beside the prefill graph (int8, fastest GEMM); otherwise one graph does both. `kv_dtype` is the
+    cache's element type, the one the graph declares (float16 from the GPU plans, else float32).
     """
 
     def __init__(self, session: ort.InferenceSession, geometry: dict,
@@ -129,14 +131,16 @@ class Decoder:
         self.session = session
         self.step_session = step_session or session
         self.geometry = geometry
+        past = next(arg for arg in session.get_inputs() if arg.name == "past_key_values.0.key")
+        self.kv_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
 
     def new_cache(self, capacity: int) -> KVCache:
         g = self.geometry
-        return KVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], capacity)
+        return KVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], capacity, self.kv_dtype)
 
     def new_batch_cache(self, slots: int, capacity: int) -> BatchKVCache:
         g = self.geometry
-        return BatchKVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], slots, capacity)
+        return BatchKVCache(g["num_layers"], g["num_kv_heads"], g["head_dim"], slots, capacity, self.kv_dtype)
 
     def forward(self, embeds: np.ndarray, bias: np.ndarray, cache: KVCache) -> np.ndarray:
         """Feed `embeds` [1, S, H] after the cached positions, under `bias` [1, 1, S, length + S]; returns the last
