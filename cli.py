@@ -224,9 +224,11 @@ def main(quiet: bool) -> None:
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the ONNX model into.")
-@click.option("--quant", type=click.Choice(["fp32", "int8", "int4", "mixed"]), default="fp32", show_default=True,
+@click.option("--quant", type=click.Choice(["fp32", "int8", "int4", "mixed", "fp16", "int4-fp16"]), default="fp32",
+              show_default=True,
               help="Weight precision: int8 everywhere; int4 decoder with int8 vision (least memory); mixed adds an "
-                   "int8 prefill copy of the decoder for a fast first token.")
+                   "int8 prefill copy of the decoder for a fast first token; fp16 (for GPUs) computes in float16 "
+                   "with a float16 KV cache, int4-fp16 with the int4 decoder.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--check", is_flag=True, help="After the export, compare its next-token predictions with a "
               "higher-precision reference on a few images and record the figures in the model (molmocap info "
@@ -234,7 +236,7 @@ def main(quiet: bool) -> None:
 @click.option("--check-against", metavar="fp32|int8|transformers|DIR", default=None,
               help="The check's reference: an export of SRC made for the check (fp32, int8), SRC through "
                    "transformers (fp32; needs torch), or an exported model directory of the same checkpoint. "
-                   "Default: int8 for 4-bit plans, fp32 for int8, transformers for fp32.")
+                   "Default: int8 for 4-bit plans, fp32 for int8 and fp16, transformers for fp32.")
 @click.option("--check-images", "check_images", multiple=True, metavar="IMAGE",
               help="An image for the check (repeat for several; default: three drawn pictures).")
 def export(src: str, out: Path, quant: str, force: bool, check: bool, check_against: str | None,

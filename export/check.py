@@ -38,9 +38,9 @@ EXPORT_REFERENCES = ("fp32", "int8")
 
 
 def default_reference(quant: str) -> str:
-    """The reference a plan is checked against when none is given: fp32 for int8, transformers for fp32 (the
-    source itself), int8 for plans with 4-bit parts (an fp32 export of a 4B model needs 20 GB of memory)."""
-    return {"fp32": TRANSFORMERS, "int8": "fp32"}.get(quant, "int8")
+    """The reference a plan is checked against when none is given: fp32 for int8 and fp16, transformers for fp32
+    (the source itself), int8 for plans with 4-bit parts (an fp32 export of a 4B model needs 20 GB of memory)."""
+    return {"fp32": TRANSFORMERS, "int8": "fp32", "fp16": "fp32"}.get(quant, "int8")
 
 
 def validate_reference(reference: str) -> None:

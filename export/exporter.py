@@ -178,19 +178,21 @@ def export(src: str, out: Path, quant: str = "fp32", force: bool = False,
         work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    floats = plan.floats
     try:
-        build_vision(work / "vision.onnx", weights, cfg.vision_config, cfg.adapter_config, plan.vision, progress)
+        build_vision(work / "vision.onnx", weights, cfg.vision_config, cfg.adapter_config, plan.vision, progress,
+                     floats)
         progress("adapter")
-        build_adapter(work / "adapter.onnx", weights, cfg.adapter_config, plan.adapter)
+        build_adapter(work / "adapter.onnx", weights, cfg.adapter_config, plan.adapter, floats)
         progress("embeddings")
-        build_embed(work / "embed.onnx", weights, cfg.text_config, plan.embed)
+        build_embed(work / "embed.onnx", weights, cfg.text_config, plan.embed, floats)
         rope = ckpt.rope
         layers = cfg.text_config.num_hidden_layers
         build_decoder(work / "decoder.onnx", weights, cfg.text_config, rope, plan.decoder_layers(plan.prefill, layers),
-                      plan.lm_head, progress)
+                      plan.lm_head, progress, floats)
         if plan.step:
             build_decoder(work / "decoder_step.onnx", weights, cfg.text_config, rope,
-                          plan.decoder_layers(plan.step, layers), plan.lm_head, progress)
+                          plan.decoder_layers(plan.step, layers), plan.lm_head, progress, floats)
         ckpt.processing.tokenizer.save(str(work / "tokenizer.json"))
         progress("checksums")
         files = [f for f in work.iterdir() if f.is_file()]

@@ -33,15 +33,17 @@ def fused_linear(g: GraphBuilder, x: str, w: Weights, prefixes: list[str], name:
 
 
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
-    """RMSNorm over the last axis in float32 like `Molmo2RMSNorm`, as ONNX Runtime's one fused kernel."""
+    """RMSNorm over the last axis like `Molmo2RMSNorm` (its statistics in float32 whatever the graph's float type),
+    as ONNX Runtime's one fused kernel."""
     return g.op("SimplifiedLayerNormalization", [x, g.weight(f"{name}.weight", weight)], axis=-1, epsilon=eps,
                 stash_type=1, hint=f"{name}.out")
 
 
 def layer_norm(g: GraphBuilder, x: str, w: Weights, prefix: str, eps: float) -> str:
+    """LayerNorm over the last axis, its mean and variance in float32 whatever the graph's float type."""
     scale = g.weight(f"{prefix}.weight", w.get(f"{prefix}.weight"))
     shift = g.weight(f"{prefix}.bias", w.get(f"{prefix}.bias"))
-    return g.op("LayerNormalization", [x, scale, shift], axis=-1, epsilon=eps, hint=f"{prefix}.out")
+    return g.op("LayerNormalization", [x, scale, shift], axis=-1, epsilon=eps, stash_type=1, hint=f"{prefix}.out")
 
 
 def gelu_tanh(g: GraphBuilder, x: str) -> str:

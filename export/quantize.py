@@ -1,10 +1,11 @@
 """Weight quantization of linear layers: which kernel each projection uses and how its weight is stored.
 
 Three kernels, chosen per layer by the export plan (`export/plan.py`):
-- fp32 `MatMul`;
+- float `MatMul` (fp32, or fp16 in a float16 graph);
 - int8 per-output-channel symmetric weights with `DynamicQuantizeMatMul` (activations quantized per call): fast GEMM
   (VNNI/AMX) for prefill and the vision encoder, whose cost is arithmetic;
-- `MatMulNBits` block-wise 4- or 8-bit weights: fewest bytes per decode step, whose cost is reading weights.
+- `MatMulNBits` block-wise 4- or 8-bit weights: fewest bytes per decode step, whose cost is reading weights (its
+  scales and activations in the graph's float type, float32 or float16).
 Block quantization uses ONNX Runtime's own C++ quantizers, the ones its `MatMulNBitsQuantizer` calls.
 """
 
@@ -24,7 +25,7 @@ MS = "com.microsoft"
 class QuantLinear:
     """How one linear layer is stored and computed."""
 
-    kind: str  # "fp32", "int8" or "nbits"
+    kind: str  # "fp32", "fp16", "int8" or "nbits"
     bits: int = 4
     block_size: int = 32
     accuracy_level: int = 4
@@ -43,6 +44,8 @@ class QuantLinear:
 
 
 FP32 = QuantLinear("fp32")
+FP16 = QuantLinear("fp16")
+FLOAT_KINDS = ("fp32", "fp16")  # a plain MatMul over the weight in the graph's float type
 
 
 CHUNK_ROWS = 8192  # rows quantized at a time, so temporaries stay small for the 152k-row tables
@@ -96,7 +99,7 @@ def linear_node(g: GraphBuilder, x: str, weight: np.ndarray, bias: np.ndarray | 
     """
     out_features, in_features = weight.shape
     bias_name = g.weight(f"{name}.bias", bias) if bias is not None else None
-    if how.kind == "fp32":
+    if how.kind in FLOAT_KINDS:
         y = g.op("MatMul", [x, g.weight(f"{name}.weight_t", weight.T)], hint=f"{name}.out")
         return y if bias_name is None else g.op("Add", [y, bias_name], hint=f"{name}.out")
     if how.kind == "int8":

@@ -22,19 +22,20 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
-def build_embed(path: Path, w: Weights, text_cfg, precision: str = "fp32") -> None:
-    """input_ids [batch, seq] -> inputs_embeds [batch, seq, hidden] over base + additional vocabulary rows.
+def build_embed(path: Path, w: Weights, text_cfg, precision: str = "fp32", floats: str = "fp32") -> None:
+    """input_ids [batch, seq] -> inputs_embeds [batch, seq, hidden] (float32) over base + additional vocabulary rows.
 
-    `int8` stores each row as int8 with its own scale (a quarter of the bytes; rows are dequantized on lookup).
+    `int8` stores each row as int8 with its own scale (a quarter of the bytes; rows are dequantized on lookup);
+    `fp16` stores the table in float16. `floats` is the graph's float type (`GraphBuilder`).
     """
-    g = GraphBuilder(path)
+    g = GraphBuilder(path, floats)
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
     table = w.get(f"{LM}.embed_tokens.weight")
     if precision == "int8":
         q, scale = quantize_int8_rows(table)
         del table
         rows = g.op("Cast", [g.op("Gather", [g.weight(f"{LM}.embed_tokens.weight_q8", q), ids], axis=0)],
-                    to=TensorProto.FLOAT)
+                    to=g.float_type)
         scales = g.op("Gather", [g.weight(f"{LM}.embed_tokens.scale", scale), ids], axis=0)
         embeds = g.op("Mul", [rows, g.op("Unsqueeze", [scales, g.const([-1], np.int64)])])
     else:
@@ -64,7 +65,7 @@ def _head_rms_norm(g: GraphBuilder, x: str, heads: int, head_dim: int, weight: n
 
 def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]],
                   layers_how: list[QuantLinear], lm_head: QuantLinear = FP32,
-                  progress: Callable[[str], None] = lambda msg: None) -> None:
+                  progress: Callable[[str], None] = lambda msg: None, floats: str = "fp32") -> None:
     """The language model over `seq` new positions, reading and writing a preallocated KV cache in place.
 
     `layers_how[i]` is the precision of layer i's projections (`ExportPlan.decoder_layers`).
@@ -78,13 +79,17 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
     `next_token` [batch] int64, the greedy choice (the first highest logit), so a GPU run need not send the logits
     back.
 
+    The graph computes in `floats` (`GraphBuilder`): inputs_embeds, attention_bias and logits stay float32 at the
+    boundary, the key/value buffers are in `floats` (float16 halves the bytes a step reads from them). In float16,
+    float32 min in the bias becomes -inf, harmless because every row of the runtime's bias allows its own position.
+
     Attention is ONNX Runtime's GroupQueryAttention with its rotary (RoPE on positions past .. total - 1, which it
     derives from seqlens_k) and `causal=0`, so the bias alone decides what each position sees.
     """
     cfg = text_cfg
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    g = GraphBuilder(path)
+    g = GraphBuilder(path, floats)
     x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size])
     bias = g.input("attention_bias", TensorProto.FLOAT, ["batch", 1, "seq", "total"])
     seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])
@@ -99,7 +104,7 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
         how = layers_how[i]
         past_k, past_v, present_k, present_v = kv_names(i)
         for name in (past_k, past_v):
-            g.input(name, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])
+            g.input(name, g.float_type, ["batch", kv_heads, "capacity", head_dim])
         in_norm = w.get(f"{p}.input_layernorm.weight")
         post_norm = w.get(f"{p}.post_attention_layernorm.weight")
 
@@ -119,8 +124,8 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
             "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, "", bias],
             [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, causal=0,
             scale=head_dim**-0.5))  # a: [B, S, heads*D]
-        g.output(present_k, present_k, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])
-        g.output(present_v, present_v, TensorProto.FLOAT, ["batch", kv_heads, "capacity", head_dim])
+        g.output(present_k, present_k, g.float_type, ["batch", kv_heads, "capacity", head_dim])
+        g.output(present_v, present_v, g.float_type, ["batch", kv_heads, "capacity", head_dim])
 
         a = layers.linear(g, a, w, f"{p}.self_attn.o_proj", how)
         if cfg.norm_after:

@@ -27,9 +27,10 @@ def feature_layers(vision_feature_layer: list[int], num_layers: int) -> list[int
 
 
 def build_vision(path: Path, w: Weights, vision_cfg, adapter_cfg, how: QuantLinear = FP32,
-                 progress: Callable[[str], None] = lambda msg: None) -> None:
-    """pixel_values [crops, patches, patch*patch*3] -> features [crops, patches, hidden * len(vit_layers)]."""
-    g = GraphBuilder(path)
+                 progress: Callable[[str], None] = lambda msg: None, floats: str = "fp32") -> None:
+    """pixel_values [crops, patches, patch*patch*3] -> features [crops, patches, hidden * len(vit_layers)], both
+    float32, computed in `floats` (`GraphBuilder`)."""
+    g = GraphBuilder(path, floats)
     pixels = g.input("pixel_values", TensorProto.FLOAT, ["crops", vision_cfg.num_position_embeddings,
                                                           vision_cfg.patch_size**2 * vision_cfg.num_channels])
     x = layers.linear(g, pixels, w, f"{VIT}.patch_embedding", how)
@@ -62,19 +63,20 @@ def build_vision(path: Path, w: Weights, vision_cfg, adapter_cfg, how: QuantLine
     g.save()
 
 
-def build_adapter(path: Path, w: Weights, adapter_cfg, how: QuantLinear = FP32) -> None:
+def build_adapter(path: Path, w: Weights, adapter_cfg, how: QuantLinear = FP32, floats: str = "fp32") -> None:
     """image_features [crops, patches, D] + pooled_patches_idx [tokens, k] -> image embeddings [valid tokens, H].
 
     Each output token is a cross-attention whose query is the mean of its valid patches and whose keys and values
     are those patches (padding slots, index -1, masked); tokens with no valid patch are dropped, as the reference does.
+    Inputs and outputs are float32, computed in `floats` (`GraphBuilder`).
     """
-    g = GraphBuilder(path)
+    g = GraphBuilder(path, floats)
     dim = adapter_cfg.hidden_size * len(adapter_cfg.vision_feature_layer)
     feats = g.input("image_features", TensorProto.FLOAT, ["crops", "patches", dim])
     idx = g.input("pooled_patches_idx", TensorProto.INT64, ["tokens", "pool"])
     flat = g.op("Reshape", [feats, g.const([-1, dim], np.int64)])
     valid = g.op("Greater", [idx, g.const(-1, np.int64)])
-    valid_f = g.op("Cast", [valid], to=TensorProto.FLOAT)
+    valid_f = g.op("Cast", [valid], to=g.float_type)
     patches = g.op("Gather", [flat, g.op("Max", [idx, g.const(0, np.int64)])], axis=0)
     patches = g.op("Mul", [patches, g.op("Unsqueeze", [valid_f, g.const([-1], np.int64)])])
     count = g.op("ReduceSum", [valid_f, g.const([-1], np.int64)], keepdims=1)

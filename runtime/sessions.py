@@ -5,6 +5,8 @@ assembled by hand (vision.onnx holding the adapter, a decoder from a model of ot
 match) would load and then fail inside ONNX Runtime with a traceback on the first image. So each session's input
 and output names, element types and fixed dimensions are compared with what the runtime will feed it and read from
 it, derived from the manifest's geometry and preprocessing, and a mismatch is one `ModelError` before any image.
+The KV cache is the one place with a choice of element type (float32, or float16 from the GPU plans), the same in
+every layer and every decoder graph, since the runtime allocates it once for both.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from .errors import ModelError
 from .manifest import Manifest
 from .preprocess import PreprocessConfig
 
-FLOAT, INT64, INT32 = "tensor(float)", "tensor(int64)", "tensor(int32)"
-# name -> (element type, dimensions: an int where fixed, None where free; None for no rank check)
-Signature = dict[str, tuple[str, list[int | None] | None]]
+FLOAT, FLOAT16, INT64, INT32 = "tensor(float)", "tensor(float16)", "tensor(int64)", "tensor(int32)"
+KV_TYPES = (FLOAT, FLOAT16)  # what a KV cache buffer may hold
+# name -> (element type or the types allowed, dimensions: an int where fixed, None where free; None for no rank check)
+Signature = dict[str, tuple[str | tuple[str, ...], list[int | None] | None]]
 
 
 def providers(device: str) -> list[str]:
@@ -59,7 +62,8 @@ def signatures(manifest: Manifest, config: PreprocessConfig) -> dict[str, tuple[
     text = manifest.geometry["text"]
     hidden, kv = text["hidden_size"], [None, text["num_kv_heads"], None, text["head_dim"]]
     patches = (config.crop_size // config.patch_size) ** 2
-    past = {f"past_key_values.{i}.{kind}": (FLOAT, kv) for i in range(text["num_layers"]) for kind in ("key", "value")}
+    past = {f"past_key_values.{i}.{kind}": (KV_TYPES, kv)
+            for i in range(text["num_layers"]) for kind in ("key", "value")}
     decoder = ({"inputs_embeds": (FLOAT, [None, None, hidden]), "attention_bias": (FLOAT, [None, 1, None, None]),
                 "seqlens_k": (INT32, [None]), "total_sequence_length": (INT32, []), **past},
                {"logits": (FLOAT, None), **{name.replace("past_key_values.", "present."): value
@@ -88,8 +92,9 @@ def signature_problem(session: ort.InferenceSession, inputs: Signature, outputs:
     for kind, have, wanted in (("input", have_inputs, inputs), ("output", have_outputs, outputs)):
         for name, (element, dims) in wanted.items():
             arg = have[name]
-            if arg.type != element:
-                return f"its {kind} {name} is {arg.type}, not {element}"
+            allowed = element if isinstance(element, tuple) else (element,)
+            if arg.type not in allowed:
+                return f"its {kind} {name} is {arg.type}, not {' or '.join(allowed)}"
             if dims is None:
                 continue
             if len(arg.shape) != len(dims) or any(isinstance(got, int) and want is not None and got != want
@@ -103,7 +108,7 @@ def open_components(manifest: Manifest, config: PreprocessConfig, threads: int |
                     device: str) -> dict[str, ort.InferenceSession]:
     """A session per component of the manifest, each checked against `signatures`; a `ModelError` names the
     first file that is not the graph its role needs. The vision encoder's features must also be what the adapter
-    takes."""
+    takes, and the KV cache one element type in every layer of every decoder graph."""
     expected = signatures(manifest, config)
     sessions = {}
     for name, file in manifest.data["components"].items():
@@ -117,4 +122,10 @@ def open_components(manifest: Manifest, config: PreprocessConfig, threads: int |
     if isinstance(produced, int) and isinstance(taken, int) and produced != taken:
         raise ModelError(f"{manifest.component('vision')} gives {produced} features per patch, but "
                          f"{manifest.component('adapter')} takes {taken}; re-export the model")
+    kv_types = {arg.type for name in ("decoder", "decoder_step") if name in sessions
+                for arg in (*sessions[name].get_inputs(), *sessions[name].get_outputs())
+                if arg.name.startswith(("past_key_values.", "present."))}
+    if len(kv_types) > 1:
+        raise ModelError(f"the decoder's KV cache mixes {' and '.join(sorted(kv_types))} between layers or graphs; "
+                         "re-export the model")
     return sessions

@@ -10,7 +10,8 @@ from molmocap.runtime import Captioner
 
 # Thresholds for a tiny random model, whose flat logits make top-1 fragile; a broken scale or layout gives a
 # cosine near 0 and chance-level agreement.
-THRESHOLDS = {"fp32": (1.0, 0.99999), "int8": (0.9, 0.999), "int4": (0.7, 0.95), "mixed": (0.8, 0.97)}
+THRESHOLDS = {"fp32": (1.0, 0.99999), "int8": (0.9, 0.999), "int4": (0.7, 0.95), "mixed": (0.8, 0.97),
+              "fp16": (0.99, 0.9999), "int4-fp16": (0.7, 0.95)}
 
 
 @pytest.fixture(scope="module")

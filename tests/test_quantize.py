@@ -72,6 +72,7 @@ def test_manifest_records_the_plan_and_no_fp32_tables_remain(quantized):
     assert int4["embed"] == "int8" and int4["lm_head"]["kind"] == "nbits"
     sizes = {q: sum(e["bytes"] for e in load_manifest(p).data["files"]) for q, p in quantized.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+    assert sizes["int4-fp16"] < sizes["fp16"] < 0.6 * sizes["fp32"]
 
 
 def test_edge_layers_are_kept_at_eight_bits(checkpoints, tmp_path):
