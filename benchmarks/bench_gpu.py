@@ -103,9 +103,7 @@ def batch_decode(captioner: Captioner, encoded, size: int, tokens: int) -> tuple
     """`size` questions about `encoded` decoded together until all end: (aggregate tokens/s, tokens the decoder
     produced, rows that reached the `tokens` budget)."""
     batch = DecodeBatch(captioner, max_batch=size)
-    generations = [captioner.start(encoded, prompt, tokens) for prompt in batch_prompts(size)]
-    for generation in generations:
-        batch.join(generation)
+    generations = [captioner.start(encoded, prompt, tokens, batch=batch) for prompt in batch_prompts(size)]
     decoded = 0
     start = time.perf_counter()
     while batch:

@@ -58,7 +58,7 @@ def test_graphs_take_and_give_float32_and_hold_float16_weights_and_kv_cache(quan
         graph = onnx.load(path, load_external_data=False).graph
         assert not [t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT], name
     captioner = Captioner.load(demo[quant], threads=1)
-    assert captioner.decoder.kv_dtype is np.float16
+    assert captioner.decoder.kv_dtype == np.float16
     state = captioner.prefill(make_scene(HELD_OUT_SEED).image, CAPTION_PROMPT, max_new_tokens=4)
     assert {array.dtype for array in state.cache.arrays.values()} == {np.dtype(np.float16)}
     assert np.isfinite(state.logits).all() and np.isfinite(captioner.step(state, int(state.logits.argmax()))).all()
