@@ -5,7 +5,8 @@ Four parts, each in the same process side by side (`--parts`, default decode,fol
   questions are prefilled), prefilled into a `DecodeBatch` and stepped `--tokens` times; aggregate tokens/s =
   tokens decoded / the steps' wall time (prefill excluded; a row that reaches a stop token stops counting).
 - pad: what batch-invariant 4-bit decoding would cost one sequence: a decode step of one row against the same row
-  padded to two (MatMulNBits' pair kernel instead of its single-row one), steps interleaved, `--tokens` of each.
+  padded to two (MatMulNBits' pair kernel instead of its single-row one), steps interleaved, `--tokens` of each;
+  beside them the embedding lookup of one token (the separate session call a step makes before the decoder's).
 - folder: `--images` different pictures (640x480, as bench_cpu) captioned by `run_batch` into a fresh results file
   without the result cache, `--batch-size` 1 (today's sequential batch) against each size in `--sizes`; images per
   hour = images / wall time (preprocessing, vision, prefill and decoding included).
@@ -84,25 +85,29 @@ def pad_part(captioner: Captioner, args: argparse.Namespace) -> dict:
     state = captioner.prefill(bench_image(), QUESTIONS[0], 2 * args.tokens + 2, args.max_crops)
     decoder = captioner.decoder
     cache = decoder.new_cache(state.cache.capacity, rows=2)
-    runs: dict[str, list[float]] = {"one_row_ms": [], "two_rows_ms": []}
+    runs: dict[str, list[float]] = {"embed_ms": [], "one_row_ms": [], "two_rows_ms": []}
     loads = []
     for _ in range(args.runs):
         for row in (0, 1):
             cache.copy_row(state.cache, 0, row)
         embeds = captioner.embed(np.array([[state.greedy_token]] * 2, dtype=np.int64))
-        one, two = [], []
+        one, two, embed = [], [], []
         before = load_average()
         for _ in range(args.tokens):
+            start = time.perf_counter()
+            captioner.embed(np.array([[state.greedy_token]], dtype=np.int64))
+            embed.append(time.perf_counter() - start)
             start = time.perf_counter()
             decoder.step_rows(embeds[:1], cache)
             one.append(time.perf_counter() - start)
             start = time.perf_counter()
             decoder.step_rows(embeds, cache, 0)
             two.append(time.perf_counter() - start)
+        runs["embed_ms"].append(1e3 * float(np.median(embed)))
         runs["one_row_ms"].append(1e3 * float(np.median(one)))
         runs["two_rows_ms"].append(1e3 * float(np.median(two)))
         loads.append([before, load_average()])
-    figures = {name: spread(values, 1) for name, values in runs.items()}
+    figures = {name: spread(values, 2) for name, values in runs.items()}
     figures["padding_cost"] = round(figures["two_rows_ms"]["median"] / figures["one_row_ms"]["median"] - 1, 3)
     figures["load_average_before_after"] = loads
     print(f"pad: {figures}", flush=True)

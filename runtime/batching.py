@@ -13,9 +13,10 @@ a move would cross to host memory, so free rows stay where they are until a new 
 Tokens equal those of `Captioner.generate` on each sequence exactly with fp32 weights (a row's attention and
 products do not depend on the other rows). 4-bit `MatMulNBits` on the CPU computes rows in pairs with one kernel
 and a lone row with another (the same values up to float rounding, whose flips near ties change greedy tokens), so
-a 4-bit step always runs an even number of rows: a batched answer then never depends on its batchmates, nor on the
-batch size, but may still differ from the same answer decoded alone, where one row uses the single-row kernel
-(padding it too would cost a single sequence 14% per token: benchmarks/bench_batch.py, part `pad`). A decoder step
+a 4-bit step with batchmates always runs an even number of rows: which batchmates, and how many, then never change
+an answer. A sequence stepped alone (by `generate`, or the last one left in a batch) keeps the faster single-row
+kernel, so its tokens can differ from the ones it gets beside others; padding it too would cost every lone sequence
+a sixth of its speed (benchmarks/bench_batch.py, part `pad`). A decoder step
 graph with int8 `DynamicQuantizeMatMul` quantizes the activations of all rows with one scale, which would make an
 answer depend on its batchmates: there the rows are stepped one at a time.
 """
@@ -143,7 +144,7 @@ class DecodeBatch:
         (and a padding row for 4-bit weights) fed a dummy token at their first position."""
         decoder, cache = self.captioner.decoder, self._cache
         rows = max(tokens) + 1
-        if self.even_rows and rows % 2:
+        if self.even_rows and rows % 2 and len(tokens) > 1:  # alone, a sequence keeps the single-row kernel
             rows += 1
         ids = np.array([[tokens.get(row, 0)] for row in range(rows)], dtype=np.int64)  # [rows, 1]
         for row in range(rows):
