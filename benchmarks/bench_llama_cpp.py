@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--label", help="Names the results file llama_cpp-<label>-<date> (default llama_cpp-<date>).")
     parser.add_argument("--child", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     prompts, depths = [int(v) for v in args.prompts.split(",")], [int(v) for v in args.depths.split(",")]
@@ -167,7 +168,7 @@ def main() -> None:
     report = {"conditions": started, "runs": args.runs, "tokens": args.tokens, "threads": args.threads,
               "load_per_round": load, "load_average_at_end": load_average(), "models": models,
               "ratios": ratios(models, prompts, depths)}
-    path = results_path("llama_cpp")
+    path = results_path(f"llama_cpp-{args.label}" if args.label else "llama_cpp")
     save(path, report)
     replace_atomically(path.with_suffix(".md"), render(report).encode(), mode=0o644)
     print(render(report))
