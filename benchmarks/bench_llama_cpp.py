@@ -13,7 +13,7 @@ model runs in its own process per round (its peak RSS is recorded), as llama-ben
 How to get llama.cpp and the GGUFs (see ../shared/REFERENCE.md): the `llama-cpp-python` 0.3.36 sdist carries
 llama.cpp (commit 0c1e57098); `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release &&
 cmake --build build -j2 --target llama-bench llama-quantize`; a random Qwen3-4B from
-`make_random_qwen3.py LLAMA_CPP_DIR OUT`, `convert_hf_to_gguf.py OUT --outtype bf16` (or q8_0), then
+`../shared/anchors/make_random_qwen3.py LLAMA_CPP_DIR OUT`, `convert_hf_to_gguf.py OUT --outtype bf16` (or q8_0), then
 `llama-quantize [--allow-requantize] IN OUT Q4_K_M 2`. molmocap's exports: `make_synthetic_checkpoint.py` and
 `molmocap export CKPT -o DIR --quant int8|int4`.
 
