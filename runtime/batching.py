@@ -16,7 +16,7 @@ and a lone row with another (the same values up to float rounding, whose flips n
 a 4-bit step with batchmates always runs an even number of rows: which batchmates, and how many, then never change
 an answer. A sequence stepped alone (by `generate`, or the last one left in a batch) keeps the faster single-row
 kernel, so its tokens can differ from the ones it gets beside others; padding it too would cost every lone sequence
-a sixth of its speed (benchmarks/bench_batch.py, part `pad`). A decoder step
+16% per token on the 4B int4 (benchmarks/results/batch-4b-int4-rows-2026-12-04.json, part `pad`). A decoder step
 graph with int8 `DynamicQuantizeMatMul` quantizes the activations of all rows with one scale, which would make an
 answer depend on its batchmates: there the rows are stepped one at a time.
 """
@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from .captioner import Captioner, Generation
 
 # Sequences decoded together by default (generate_batch, `caption --batch-size`, `serve --max-batch`). On the 2-core
-# CPU measured, aggregate 4B int4 decode tokens/s over one sequence: 1.8x at 2, 2.2x at 4, 2.6x at 8 on a quiet
-# machine (benchmarks/results/batch-4b-int4-decode-quiet-2026-12-04.json); 2.1x / 2.8x / 2.7x under load
-# (batch-4b-int4-decode-2026-12-04.json). 8 adds about 15% over 4 for twice the KV memory, so 4.
+# CPU measured, aggregate 4B int4 decode tokens/s over one sequence: 1.7x at 2, 2.4x at 4, 2.8x at 8 on a quiet
+# machine (benchmarks/results/batch-4b-int4-rows-2026-12-04.json). 8 adds about 18% over 4 for twice the KV
+# memory, so 4.
 DEFAULT_MAX_BATCH = 4
 
 
