@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conditions import conditions, load_average, results_path, save, spread
+from conditions import cell, conditions, load_average, load_span, results_path, run_loads, save, spread
 from PIL import Image, ImageDraw
 
 from molmocap.runtime.files import replace_atomically
@@ -180,12 +180,8 @@ def summarize(engine: str, quant: str, max_crops: int, where: str, runs: list[tu
     row.update({key: spread([r[key] for r in results]) for key in SPEED})
     row["peak_rss_gb"] = spread([rss for _, rss in runs], 3)
     row["disk_gb"] = round(disk_gb(Path(where)), 3)
-    row["load_average"] = [{"before": r["load_average_before"], "after": r["load_average_after"]} for r in results]
+    row["load_average"] = run_loads(results)
     return row
-
-
-def cell(figure: dict, fmt: str) -> str:
-    return f"{figure['median']:{fmt}} ({figure['min']:{fmt}}-{figure['max']:{fmt}})"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -199,14 +195,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = []
     for r in rows:
         fid = r.get("fidelity_vs_transformers_bf16")
-        loads = [v for load in r["load_average"] for v in (load["before"][0], load["after"][0])]
         lines.append(
             f"| {r['engine']} | {r['quant']} | {r['max_crops']} | {r['prompt_tokens']} | {cell(r['ttft_s'], '.2f')} | "
             f"{cell(r['vision_s'], '.2f')} | {cell(r['prefill_tokens_per_s'], '.0f')} | "
             f"{cell(r['decode_tokens_per_s'], '.2f')} | {cell(r['peak_rss_gb'], '.2f')} | {r['disk_gb']:.2f} | "
             + (f"{fid['top1_agreement']:.3f} | {fid['cosine_mean']:.4f} | " if fid else "reference | reference | "
                if r["engine"] == "transformers" else "- | - | ")
-            + f"{min(loads):.2f}-{max(loads):.2f} |\n")
+            + f"{load_span(r['load_average'])} |\n")
     return head + "".join(lines)
 
 

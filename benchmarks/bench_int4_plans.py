@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_cpu import PROMPT, bench_image, greedy
-from conditions import conditions, load_average, results_path, save, spread
+from conditions import cell, conditions, load_average, load_span, results_path, run_loads, save, spread
 
 from molmocap.export.plan import INT4, INT8_BLOCKS, PLANS, ExportPlan
 from molmocap.runtime.files import replace_atomically
@@ -166,11 +166,7 @@ def add_speed(row: dict, runs: list[tuple[dict, float]]) -> None:
     row["prompt_tokens"] = results[0]["prompt_tokens"]
     for key in SPEED:
         row[key] = spread([r[key] for r in results], 3)
-    row["load_average"] = [{"before": r["load_average_before"], "after": r["load_average_after"]} for r in results]
-
-
-def cell(figure: dict, fmt: str) -> str:
-    return f"{figure['median']:{fmt}} ({figure['min']:{fmt}}-{figure['max']:{fmt}})"
+    row["load_average"] = run_loads(results)
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -184,12 +180,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         if "load_average" not in r:
             continue  # speed not measured yet
-        loads = [v for load in r["load_average"] for v in (load["before"][0], load["after"][0])]
         lines.append(f"| {r['plan']} | {r['fidelity']['top1_agreement']:.3f} | {r['fidelity']['cosine_mean']:.4f} | "
                      f"{r['disk_gb']:.2f} | {cell(r['load_rss_gb'], '.2f')} | {cell(r['peak_rss_gb'], '.2f')} | "
                      f"{cell(r['ttft_s'], '.2f')} | {cell(r['prefill_tokens_per_s'], '.0f')} | "
                      f"{cell(r['decode_tokens_per_s'], '.2f')} | {cell(r['decode_tokens_per_cpu_s'], '.2f')} | "
-                     f"{min(loads):.2f}-{max(loads):.2f} |\n")
+                     f"{load_span(r['load_average'])} |\n")
     return head + "".join(lines)
 
 

@@ -76,6 +76,22 @@ def spread(values: list[float], digits: int = 4) -> dict:
             "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
 
 
+def cell(figure: dict, fmt: str) -> str:
+    """A `spread` as "median (min-max)" for a markdown table."""
+    return f"{figure['median']:{fmt}} ({figure['min']:{fmt}}-{figure['max']:{fmt}})"
+
+
+def run_loads(results: list[dict]) -> list[dict]:
+    """The load averages recorded before and after each run (its `load_average_before` / `_after`)."""
+    return [{"before": r["load_average_before"], "after": r["load_average_after"]} for r in results]
+
+
+def load_span(loads: list[dict]) -> str:
+    """The range of the 1-minute load averages of `run_loads`, as "min-max"."""
+    ones = [v for load in loads for v in (load["before"][0], load["after"][0])]
+    return f"{min(ones):.2f}-{max(ones):.2f}"
+
+
 def results_path(name: str) -> Path:
     """benchmarks/results/<name>-<today>.json"""
     return RESULTS / f"{name}-{datetime.date.today().isoformat()}.json"
