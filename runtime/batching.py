@@ -147,9 +147,9 @@ class DecodeBatch:
         if self.even_rows and rows % 2 and len(tokens) > 1:  # alone, a sequence keeps the single-row kernel
             rows += 1
         ids = np.array([[tokens.get(row, 0)] for row in range(rows)], dtype=np.int64)  # [rows, 1]
-        for row in range(rows):
-            if row not in tokens:
-                cache.lengths[row] = 0
+        free = [row for row in range(rows) if row not in tokens]
+        for row in free:
+            cache.lengths[row] = 0  # a dummy token goes to a free row's first position
         embeds = self.captioner.embed(ids)  # [rows, 1, H]
         if self.rows_independent:
             output = decoder.step_rows(embeds, cache)
@@ -160,6 +160,5 @@ class DecodeBatch:
             for row in tokens:
                 state = self.slots[row].state
                 state.output, state.output_row = decoder.step_rows(embeds[row:row + 1], cache, row), 0
-        for row in range(rows):
-            if row not in tokens:
-                cache.lengths[row] = 0
+        for row in free:
+            cache.lengths[row] = 0

@@ -86,8 +86,8 @@ class Generation:
     """One greedy answer in progress (see `Captioner.start`): picks each token from its state's logits, ends at a
     stop token or at its budget, streams the text and makes the `Result`.
 
-    `Captioner.generate` drives one with `Captioner.step`; a `DecodeBatch` drives several with one decoder run per
-    token for all of them. `error` holds what `on_text` raised, if anything (the batch then drops the generation).
+    `Captioner.generate` steps one alone; a `DecodeBatch` drives several with one decoder run per token for all of
+    them. `error` holds what `on_text` raised, if anything (the batch then drops the generation).
     """
 
     def __init__(self, captioner: Captioner, state: DecodeState, max_new_tokens: int,
