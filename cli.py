@@ -15,7 +15,7 @@ from molmocap.runtime.batching import DEFAULT_MAX_BATCH
 from molmocap.runtime.demo import DEMO_MODEL_DIR, DEMO_NOTICE, is_demo_model
 from molmocap.runtime.errors import InputError, ModelError, MolmocapError
 from molmocap.runtime.preprocess import MAX_CROPS
-from molmocap.runtime.request import DEFAULT_MAX_NEW_TOKENS, Request
+from molmocap.runtime.request import DEFAULT_MAX_NEW_TOKENS, Request, rounded_timings
 from molmocap.runtime.styles import STYLES
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def run_images(images: tuple[str, ...], requests: list[Request], model: str | No
     KV cache of the image prefix. Results come from the result cache when it has them (the model is then not even
     loaded).
     """
-    from molmocap.runtime.batch import Runner, file_sha256, rounded_timings
+    from molmocap.runtime.batch import Runner, file_sha256
     from molmocap.runtime.cache import ResultCache
     from molmocap.runtime.files import remove_leftovers
     from molmocap.runtime.image_io import load_image

@@ -33,7 +33,7 @@ from .documents import PAGE_LONG_SIDE, PDF_EXTENSION, PdfDocument, is_pdf, selec
 from .errors import InputError
 from .files import remove_leftovers, replace_atomically, sha256_file
 from .manifest import load_manifest
-from .request import Answer, Request
+from .request import Answer, Request, rounded_timings
 from .styles import StyleOutputError
 from .xmp import sidecar_fields, sidecar_path, write_sidecar
 
@@ -97,11 +97,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         raise InputError(f"not an image file but a directory: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot read image file {path}: {exc.strerror or exc}") from None
-
-
-def rounded_timings(timings: dict) -> dict:
-    """Timings for output: seconds and rates to 4 decimals, flags (`cached`) as they are."""
-    return {k: v if isinstance(v, bool) else round(v, 4) for k, v in timings.items()}
 
 
 class Runner:

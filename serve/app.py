@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from molmocap.runtime import Captioner, InputError, MolmocapError, Result
 from molmocap.runtime.batching import DEFAULT_MAX_BATCH
 from molmocap.runtime.demo import DEMO_MODEL_NAME, DEMO_NOTICE, is_demo_model
-from molmocap.runtime.request import Answer
+from molmocap.runtime.request import Answer, rounded_timings
 from molmocap.runtime.request import Request as ModelRequest
 from molmocap.runtime.styles import StyleOutputError
 
@@ -163,7 +163,7 @@ class _Server:
         return JSONResponse({**answer.fields(), "prompt_tokens": result.prompt_tokens,
                              "completion_tokens": len(result.token_ids),
                              "finish_reason": self.finish_reason(asked, result),
-                             "timings": {k: round(v, 4) for k, v in result.timings.items()}})
+                             "timings": rounded_timings(result.timings)})
 
     async def chat_completions(self, request: Request) -> Response:
         chat = openai_compat.parse_chat_request(await read_json(request, self.max_request_bytes), self.model_name)
