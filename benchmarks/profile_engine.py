@@ -267,25 +267,25 @@ def markdown(result: dict) -> str:
     lines = [f"# Where the time and memory go, {result['meta']['date']}", "",
              f"`{result['meta']['command']}`; load average at start {result['meta']['load_average_at_start']}", ""]
     cases = result.get("cases", [])
-    prefills = [c for c in cases if c["kind"] == "prefill"]
-    if prefills:
-        lines += ["| prefill | tokens | ms | tok/s | achieved int8 TOP/s | isolated int8 product TOP/s | "
-                  "products' share | top operators (ms) |", "|---|---|---|---|---|---|---|---|"]
-        for c in prefills:
+    tables = {
+        "prefill": (["prefill", "tokens", "ms", "tok/s", "achieved int8 TOP/s", "isolated int8 product TOP/s",
+                     "products' share"],
+                    lambda c: [c["tokens"], cell(c["wall_ms"], ""), c["tokens_per_s"]["median"],
+                               c["achieved_tops"]["median"], c["isolated_int8_tops"]["median"], c["products_share"]]),
+        "decode": (["decode", "after positions", "step ms", "tok/s", "GroupQueryAttention ms", "other operators ms",
+                    "weights GB / other operators' time"],
+                   lambda c: [c["context"], cell(c["wall_ms"], ""), c["tokens_per_s"]["median"], c["attention_ms"],
+                              c["rest_ms"], f"{c['weights_gb']} GB at {c['weights_gb_per_s']} GB/s"]),
+    }
+    for kind, (header, columns) in tables.items():
+        rows = [c for c in cases if c["kind"] == kind]
+        if not rows:
+            continue
+        header = [*header, "top operators (ms)"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for c in rows:
             top = ", ".join(f"{op} {ms}" for op, ms in list(c["operators_ms"].items())[:4])
-            lines.append(f"| {c['model']} | {c['tokens']} | {c['wall_ms']['median']} ({c['wall_ms']['min']}-"
-                         f"{c['wall_ms']['max']}) | {c['tokens_per_s']['median']} | {c['achieved_tops']['median']} | "
-                         f"{c['isolated_int8_tops']['median']} | {c['products_share']} | {top} |")
-        lines.append("")
-    decodes = [c for c in cases if c["kind"] == "decode"]
-    if decodes:
-        lines += ["| decode | after positions | step ms | tok/s | GroupQueryAttention ms | other operators ms | "
-                  "weights GB / other operators' time | top operators (ms) |", "|---|---|---|---|---|---|---|---|"]
-        for c in decodes:
-            top = ", ".join(f"{op} {ms}" for op, ms in list(c["operators_ms"].items())[:4])
-            lines.append(f"| {c['model']} | {c['context']} | {c['wall_ms']['median']} ({c['wall_ms']['min']}-"
-                         f"{c['wall_ms']['max']}) | {c['tokens_per_s']['median']} | {c['attention_ms']} | "
-                         f"{c['rest_ms']} | {c['weights_gb']} GB at {c['weights_gb_per_s']} GB/s | {top} |")
+            lines.append("| " + " | ".join(str(v) for v in [c["model"], *columns(c), top]) + " |")
         lines.append("")
     for row in result.get("memory", []):
         lines += [f"Memory, {row['model']}, max_crops {row['max_crops']} ({row['prompt_tokens']} prompt tokens, KV "
