@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 # Answer length when none is asked for: the Python API, the CLI, batch and every server route use this one value.
 DEFAULT_MAX_NEW_TOKENS = 128
 
+# Styles whose answer is rewritten after generation (bounded, or JSON): their text cannot be streamed as it comes.
+RESHAPED_STYLES = frozenset({"alt", "seo", "tags"})
+
+
 def rounded_timings(timings: dict) -> dict:
     """Timings as every output shows them (CLI JSON, batch rows, the server): seconds and rates to 4 decimals,
     flags (`cached`) as they are."""
     return {k: v if isinstance(v, bool) else round(v, 4) for k, v in timings.items()}
-
-
-# Styles whose answer is rewritten after generation (bounded, or JSON): their text cannot be streamed as it comes.
-RESHAPED_STYLES = frozenset({"alt", "seo", "tags"})
 
 
 class RequestError(InputError):

@@ -39,6 +39,9 @@ def providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+_arena_shared = False  # set once this process's ONNX Runtime environment holds the shared CPU arena
+
+
 def share_cpu_arena() -> None:
     """Give this process's sessions one CPU memory arena, registered once in ONNX Runtime's environment.
 
@@ -56,9 +59,6 @@ def share_cpu_arena() -> None:
     except Exception:  # noqa: BLE001 - the host application registered one already: share that one
         pass
     _arena_shared = True
-
-
-_arena_shared = False
 
 
 def open_session(path: Path, threads: int | None, device: str) -> ort.InferenceSession:
