@@ -51,11 +51,18 @@ def versions(*extra: str) -> dict:
 
 
 def checkout() -> dict:
-    """The commit of this checkout and `git status` of the files that differ from it (others' edits share it)."""
+    """The commit of this checkout and `git status` of the files that differ from it (others' edits share it). A copy
+    without git (the working tree sent to a lent GPU machine) names the commit it was sent from in MOLMOCAP_CHECKOUT."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+        except OSError:
+            return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "status": git("status", "--porcelain").splitlines()}
+    commit = git("rev-parse", "HEAD")
+    if not commit and os.environ.get("MOLMOCAP_CHECKOUT"):
+        return {"commit": os.environ["MOLMOCAP_CHECKOUT"], "status": [], "copy_without_git": True}
+    return {"commit": commit, "status": git("status", "--porcelain").splitlines()}
 
 
 def conditions(*extra_versions: str) -> dict:

@@ -17,6 +17,7 @@ in 1.8 ms against 3.9 ms, with a smaller error (`benchmarks/results/kernels-2026
 halves the bytes a decode step reads from it; `int4-fp16` keeps the 4-bit decoder and lm_head (MatMulNBits with
 float16 scales). int8 has no place in them: ONNX Runtime's DynamicQuantizeMatMul takes float32 only. On a CPU they
 run, but the x86 CPU provider has no float16 MatMul: it casts those weights (and the products) to float32 at load.
+Their decoder gives GroupQueryAttention no attention bias, which the CUDA kernel refuses (`text.build_decoder`).
 """
 
 from __future__ import annotations

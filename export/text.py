@@ -63,6 +63,48 @@ def _head_rms_norm(g: GraphBuilder, x: str, heads: int, head_dim: int, weight: n
     return g.op("Reshape", [x, g.const([0, 0, heads * head_dim], np.int64)])
 
 
+def _biased_attention(g: GraphBuilder, x: str, q: str, keys: str, values: str, bias: str, total: str, cos: str,
+                      sin: str, causal: str, heads: int, kv_heads: int, head_dim: int, name: str) -> str:
+    """Attention of a prefill's queries under the additive bias, for a graph whose GroupQueryAttention is causal.
+
+    An `If` on the new positions: one (a decode step) keeps GroupQueryAttention's output `causal`; more (a prefill,
+    batch 1) compute softmax(q k^T * scale + bias) v from the keys and values GroupQueryAttention has just written
+    (`keys`, `values`: the present buffers, read up to `total`), with q rotated at positions total - seq .. total - 1
+    as GroupQueryAttention rotates it. Query heads are grouped by key/value head, [B, kv_heads, group * seq, D], so
+    no key or value is repeated; the softmax runs in float32. [B, S, heads*D] -> same shape.
+    """
+    group = heads // kv_heads
+    outer, g.nodes = g.nodes, []
+    length = g.op("Shape", [x], start=1, end=2)  # [1]: the new positions
+    end = g.op("Reshape", [g.op("Cast", [total], to=TensorProto.INT64), g.const([1], np.int64)])
+    positions = g.op("Unsqueeze", [g.op("Range", [g.op("Sub", [end, length]), end, g.const([1], np.int64)]),
+                                   g.const([0], np.int64)])  # [1, S]
+    rotated = g.op("RotaryEmbedding", [q, positions, cos, sin], domain=MS)  # [B, S, heads*D]
+    grouped = g.op("Reshape", [rotated, g.const([0, 0, kv_heads, group, head_dim], np.int64)])
+    grouped = g.op("Reshape", [g.op("Transpose", [grouped], perm=[0, 2, 3, 1, 4]),
+                               g.const([0, 0, -1, head_dim], np.int64)])  # [B, kv, group*S, D], row g*S + s
+    zero, axis = g.const([0], np.int64), g.const([2], np.int64)
+    k = g.op("Slice", [keys, zero, end, axis])  # [B, kv, T, D]
+    v = g.op("Slice", [values, zero, end, axis])
+    scores = g.op("Mul", [g.op("MatMul", [grouped, g.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+                          g.const(head_dim**-0.5)])  # [B, kv, group*S, T]
+    scores = g.op("Add", [scores, g.op("Tile", [bias, g.const([1, 1, group, 1], np.int64)])])
+    probs = g.op("Cast", [g.op("Softmax", [g.op("Cast", [scores], to=TensorProto.FLOAT)], axis=-1)],
+                 to=g.float_type)
+    out = g.op("Reshape", [g.op("MatMul", [probs, v]), g.const([0, 0, group, -1, head_dim], np.int64)])
+    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 3, 1, 2, 4]),
+                           g.const([0, 0, heads * head_dim], np.int64)], hint=f"{name}.biased")
+    prefill_nodes, g.nodes = g.nodes, outer
+    kept = g.fresh(f"{name}.causal")
+    branch = [helper.make_tensor_value_info(out, g.float_type, None)]
+    step = [helper.make_tensor_value_info(kept, g.float_type, None)]
+    prefill = g.op("Greater", [g.op("Shape", [x], start=1, end=2), g.const([1], np.int64)])
+    return g.op("If", [prefill], hint=f"{name}.attention",
+                then_branch=helper.make_graph(prefill_nodes, f"{name}.prefill", [], branch),
+                else_branch=helper.make_graph([helper.make_node("Identity", [causal], [kept])], f"{name}.step", [],
+                                              step))
+
+
 def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.ndarray, float]],
                   layers_how: list[QuantLinear], lm_head: QuantLinear = FP32,
                   progress: Callable[[str], None] = lambda msg: None, floats: str = "fp32") -> None:
@@ -85,6 +127,11 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
 
     Attention is ONNX Runtime's GroupQueryAttention with its rotary (RoPE on positions past .. total - 1, which it
     derives from seqlens_k) and `causal=0`, so the bias alone decides what each position sees.
+
+    A float16 graph (the GPU plans) gives GroupQueryAttention no bias: ONNX Runtime's CUDA kernel refuses one. Its
+    attention is then causal, which is all a decode step needs (each row's end comes from seqlens_k), and it still
+    writes the new keys and values in place; a prefill (seq > 1) takes its attention from `_biased_attention` instead,
+    the same product with the bias, so that Molmo2's image block stays bidirectional.
     """
     cfg = text_cfg
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -120,10 +167,18 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
             k = _head_rms_norm(g, k, kv_heads, head_dim, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
         cos, sin = caches["scaled" if i in cfg.rope_scaling_layers else "unscaled"]
         a = g.fresh(f"{p}.self_attn.out")
-        g.nodes.append(helper.make_node(
-            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, "", bias],
-            [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, causal=0,
-            scale=head_dim**-0.5))  # a: [B, S, heads*D]
+        if floats == "fp16":
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin],
+                [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
+                scale=head_dim**-0.5))  # causal; a: [B, S, heads*D]
+            a = _biased_attention(g, x, q, present_k, present_v, bias, total, cos, sin, a, heads, kv_heads, head_dim,
+                                  f"{p}.self_attn")
+        else:
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, "", bias],
+                [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, causal=0,
+                scale=head_dim**-0.5))  # a: [B, S, heads*D]
         g.output(present_k, present_k, g.float_type, ["batch", kv_heads, "capacity", head_dim])
         g.output(present_v, present_v, g.float_type, ["batch", kv_heads, "capacity", head_dim])
 

@@ -21,6 +21,7 @@ from onnx import TensorProto
 from conftest import CHECKPOINT_NAMES, ROOT, molmocap, noise_image
 from models.demo.scenes import CAPTION_PROMPT, DETAILED_PROMPT, HELD_OUT_SEED, make_scene
 from molmocap.export.exporter import export
+from molmocap.export.fidelity import compare, teacher_forced_logits
 from molmocap.export.onnx_graph import GraphBuilder
 from molmocap.export.plan import INT4, INT8, PLANS, ExportPlan
 from molmocap.export.quantize import FP16, FP32
@@ -142,3 +143,23 @@ def test_decoder_graphs_whose_kv_caches_differ_are_refused(demo, tmp_path):
     edit_manifest(model, lambda data: data["components"].update(decoder_step="half/decoder.onnx"))
     with pytest.raises(ModelError, match="KV cache mixes"):
         Captioner.load(model, threads=1)
+
+
+def test_float16_decoders_give_group_query_attention_no_bias(demo):
+    """ONNX Runtime's CUDA GroupQueryAttention refuses an attention bias: a GPU plan's decoder must not pass one."""
+    graph = onnx.load(demo["fp16"] / "decoder.onnx", load_external_data=False).graph
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert attention and all(len(node.input) < 11 or not node.input[10] for node in attention)
+
+
+@pytest.mark.parametrize("variant", CHECKPOINT_NAMES)
+def test_float16_prefill_keeps_the_image_block_bidirectional(variant, checkpoints, exported, tmp_path):
+    """The float16 decoder's prefill attention (biased, beside a causal GroupQueryAttention) gives the fp32 export's
+    next-token logits at every position after the prompt: a causal prefill would not let image tokens see later ones."""
+    half = Captioner.load(export(str(checkpoints[variant]), tmp_path / "fp16", quant="fp16"), threads=1)
+    full = Captioner.load(exported[variant], threads=1)
+    image = noise_image(260, 380, seed=11)
+    reference, fed = teacher_forced_logits(full, image, None, None, 8, max_crops=2)
+    candidate, _ = teacher_forced_logits(half, image, None, fed, 8, max_crops=2)
+    agreement = compare(reference, candidate)
+    assert agreement["top1_agreement"] == 1.0 and agreement["cosine_min"] > 0.999, agreement
