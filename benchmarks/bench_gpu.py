@@ -279,7 +279,9 @@ def targets(row: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Medians per engine or plan: one line per max_crops, then one per batch size; in brackets the ratio to
-    transformers (TTFT: of its time; tokens/s: of its rate), where it ran."""
+    transformers (TTFT: of its time; tokens/s: of its rate), where it ran; then the runs that failed."""
+    failed = [row for row in rows if "error" in row]
+    rows = [row for row in rows if "error" not in row]
     def vs(row: dict, kind: str, key: str) -> str:
         return f" ({row['vs_transformers'][kind][key]}x)" if "vs_transformers" in row else ""
 
@@ -299,6 +301,7 @@ def table(rows: list[dict]) -> str:
             decoded = ", ".join(str(n) for n in b["tokens_decoded"])
             lines.append(f"| {row.get('engine', 'molmocap')} | {row['plan']} | {size} | "
                          f"{b['aggregate_tokens_per_s']['median']:.1f}{vs(row, 'aggregate_x', size)} | {decoded} |")
+    lines += [f"failed: {row.get('engine', row.get('model'))}: {row['error']}" for row in failed]
     return "\n".join(lines)
 
 
@@ -342,14 +345,23 @@ def main() -> None:
     reference = None
     if args.checkpoint:
         print("transformers bf16 ...", flush=True)
-        reference = run_transformers(args)
-        data["rows"].append(reference)
+        try:
+            reference = run_transformers(args)
+        except SystemExit as exc:  # its one error line, kept in the results; the plans are measured all the same
+            data["rows"].append({"engine": "transformers", "plan": "bf16", "error": str(exc)})
+        else:
+            data["rows"].append(reference)
         save(out, data)
     for model in args.models:
         try:
             row = bench_plan(model, args)
         except MolmocapError as exc:
             raise SystemExit(f"error: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a device kernel that fails: recorded, and the next plan still runs
+            data["rows"].append({"model": model, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"})
+            print(f"{model}: {data['rows'][-1]['error']}", flush=True)
+            save(out, data)
+            continue
         if reference:
             row["vs_transformers"] = against(row, reference)
         row["targets"] = targets(row)

@@ -81,7 +81,10 @@ def main() -> None:
         gpu = None
     data = {"meta": {**conditions("onnxruntime-gpu"), "gpu": gpu, "device": args.device}, "rows": []}
     for model in args.models:
-        data["rows"].append(check(model, args.device, args.tokens, args.positions))
+        try:
+            data["rows"].append(check(model, args.device, args.tokens, args.positions))
+        except Exception as exc:  # noqa: BLE001 - a device kernel that fails: recorded, the next model still runs
+            data["rows"].append({"model": model, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"})
         print(json.dumps(data["rows"][-1]), flush=True)
         save(out, data)
 

@@ -91,7 +91,7 @@ measure() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     stamp "waiting for the demo exports"
     while [ ! -e "$DATA/demo.done" ]; do sleep 2; done
-    python3 benchmarks/check_cuda.py "$DATA"/demo/{fp32,int4,fp16,int4-fp16} --out "$out/cuda-check-demo-$date.json"
+    python3 benchmarks/check_cuda.py "$DATA"/demo/{fp16,int4-fp16,fp32,int4} --out "$out/cuda-check-demo-$date.json"
     stamp "check_cuda done; waiting for the 4B exports"
     while [ ! -e "$DATA/prep.done" ] && [ "$SECONDS" -lt "${PREP_WAIT_S:-360}" ]; do sleep 5; done
     for plan in fp16 int4-fp16; do
