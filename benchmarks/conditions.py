@@ -51,18 +51,21 @@ def versions(*extra: str) -> dict:
 
 
 def checkout() -> dict:
-    """The commit of this checkout and `git status` of the files that differ from it (others' edits share it). A copy
-    without git (the working tree sent to a lent GPU machine) names the commit it was sent from in MOLMOCAP_CHECKOUT."""
+    """The commit of this checkout and `git status` of the files that differ from it (others' edits share it).
+
+    A copy of the working tree sent elsewhere (a lent GPU machine) names the commit it was sent from in
+    MOLMOCAP_CHECKOUT, which wins: the git metadata there can be stale (on 2026-12-04 it named a commit twelve
+    behind the tree it came with, and listed the files changed since as modified)."""
+    if os.environ.get("MOLMOCAP_CHECKOUT"):
+        return {"commit": os.environ["MOLMOCAP_CHECKOUT"], "status": [], "sent_copy": True}
+
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
         except OSError:
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    if not commit and os.environ.get("MOLMOCAP_CHECKOUT"):
-        return {"commit": os.environ["MOLMOCAP_CHECKOUT"], "status": [], "copy_without_git": True}
-    return {"commit": commit, "status": git("status", "--porcelain").splitlines()}
+    return {"commit": git("rev-parse", "HEAD"), "status": git("status", "--porcelain").splitlines()}
 
 
 def conditions(*extra_versions: str) -> dict:

