@@ -63,19 +63,19 @@ def _head_rms_norm(g: GraphBuilder, x: str, heads: int, head_dim: int, weight: n
     return g.op("Reshape", [x, g.const([0, 0, heads * head_dim], np.int64)])
 
 
-def _biased_attention(g: GraphBuilder, x: str, q: str, keys: str, values: str, bias: str, total: str, cos: str,
+def _biased_attention(g: GraphBuilder, length: str, q: str, keys: str, values: str, bias: str, total: str, cos: str,
                       sin: str, causal: str, heads: int, kv_heads: int, head_dim: int, name: str) -> str:
     """Attention of a prefill's queries under the additive bias, for a graph whose GroupQueryAttention is causal.
 
-    An `If` on the new positions: one (a decode step) keeps GroupQueryAttention's output `causal`; more (a prefill,
-    batch 1) compute softmax(q k^T * scale + bias) v from the keys and values GroupQueryAttention has just written
-    (`keys`, `values`: the present buffers, read up to `total`), with q rotated at positions total - seq .. total - 1
-    as GroupQueryAttention rotates it. Query heads are grouped by key/value head, [B, kv_heads, group * seq, D], so
-    no key or value is repeated; the softmax runs in float32. [B, S, heads*D] -> same shape.
+    An `If` on the new positions (`length`, [1]): one (a decode step) keeps GroupQueryAttention's output `causal`;
+    more (a prefill, batch 1) compute softmax(q k^T * scale + bias) v from the keys and values GroupQueryAttention
+    has just written (`keys`, `values`: the present buffers, read up to `total`), with q rotated at positions
+    total - seq .. total - 1 as GroupQueryAttention rotates it. Query heads are grouped by key/value head,
+    [B, kv_heads, group * seq, D], so no key or value is repeated; the softmax runs in float32.
+    [B, S, heads*D] -> same shape.
     """
     group = heads // kv_heads
     outer, g.nodes = g.nodes, []
-    length = g.op("Shape", [x], start=1, end=2)  # [1]: the new positions
     end = g.op("Reshape", [g.op("Cast", [total], to=TensorProto.INT64), g.const([1], np.int64)])
     positions = g.op("Unsqueeze", [g.op("Range", [g.op("Sub", [end, length]), end, g.const([1], np.int64)]),
                                    g.const([0], np.int64)])  # [1, S]
@@ -98,7 +98,7 @@ def _biased_attention(g: GraphBuilder, x: str, q: str, keys: str, values: str, b
     kept = g.fresh(f"{name}.causal")
     branch = [helper.make_tensor_value_info(out, g.float_type, None)]
     step = [helper.make_tensor_value_info(kept, g.float_type, None)]
-    prefill = g.op("Greater", [g.op("Shape", [x], start=1, end=2), g.const([1], np.int64)])
+    prefill = g.op("Greater", [length, g.const([1], np.int64)])
     return g.op("If", [prefill], hint=f"{name}.attention",
                 then_branch=helper.make_graph(prefill_nodes, f"{name}.prefill", [], branch),
                 else_branch=helper.make_graph([helper.make_node("Identity", [causal], [kept])], f"{name}.step", [],
@@ -144,6 +144,8 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
     kinds = {"scaled" if i in cfg.rope_scaling_layers else "unscaled" for i in range(cfg.num_hidden_layers)}
     caches = {kind: _rope_caches(g, *rope[kind], cfg.max_position_embeddings, f"rope_{kind}") for kind in kinds}
     split_qkv = g.const([q_size, kv_size, kv_size], np.int64)
+    half = floats == "fp16"  # the GPU plans: GroupQueryAttention without the bias (see above)
+    new_positions = g.op("Shape", [x], start=1, end=2) if half else ""  # [1]
 
     for i in range(cfg.num_hidden_layers):
         progress(f"{path.stem} layer {i + 1}/{cfg.num_hidden_layers}")
@@ -167,18 +169,14 @@ def build_decoder(path: Path, w: Weights, text_cfg, rope: dict[str, tuple[np.nda
             k = _head_rms_norm(g, k, kv_heads, head_dim, k_norm, cfg.rms_norm_eps, f"{p}.self_attn.k_norm")
         cos, sin = caches["scaled" if i in cfg.rope_scaling_layers else "unscaled"]
         a = g.fresh(f"{p}.self_attn.out")
-        if floats == "fp16":
-            g.nodes.append(helper.make_node(
-                "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin],
-                [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
-                scale=head_dim**-0.5))  # causal; a: [B, S, heads*D]
-            a = _biased_attention(g, x, q, present_k, present_v, bias, total, cos, sin, a, heads, kv_heads, head_dim,
-                                  f"{p}.self_attn")
-        else:
-            g.nodes.append(helper.make_node(
-                "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, "", bias],
-                [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, causal=0,
-                scale=head_dim**-0.5))  # a: [B, S, heads*D]
+        biased = {} if half else {"causal": 0}  # bias input and attribute: a float32 graph's GQA applies the bias
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin, *(() if half else ("", bias))],
+            [a, present_k, present_v], domain=MS, num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
+            scale=head_dim**-0.5, **biased))  # a: [B, S, heads*D]
+        if half:
+            a = _biased_attention(g, new_positions, q, present_k, present_v, bias, total, cos, sin, a, heads,
+                                  kv_heads, head_dim, f"{p}.self_attn")
         g.output(present_k, present_k, g.float_type, ["batch", kv_heads, "capacity", head_dim])
         g.output(present_v, present_v, g.float_type, ["batch", kv_heads, "capacity", head_dim])
 
