@@ -40,12 +40,12 @@ pack() {
         onnxruntime/capi/libonnxruntime_providers_tensorrt.so && tar -cf - onnxruntime onnxruntime_gpu-*.dist-info |
         xz -T0 -6 > ort.tar.xz && sha256sum ort.tar.xz | cut -d' ' -f1 > ort.sha256 && split -b 42M ort.tar.xz ort.part.)
     cp "$tmp/ort.sha256" .gpu/c1/
-    git rev-parse HEAD > .gpu/c1/checkout  # the results files name it: the device's copy has no git
+    git rev-parse HEAD > .gpu/c1/checkout  # the results files name it: the device's git metadata can be stale
     mv "$tmp/ort.part.aa" .gpu/c2/ && mv "$tmp/ort.part.ab" .gpu/c3/ && mv "$tmp/ort.part.ac" .gpu/c4/
     mv "$tmp/ort.part.ad" .gpu/c5/ && mv "$tmp/ort.part.ae" .gpu/c1/
     ls "$tmp"/ort.part.* 2>/dev/null && { echo "onnxruntime-gpu needs more than five pieces" >&2; return 1; }
     rm -rf "$tmp"
-    grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+    mkdir -p .git/info && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude; }
     du -sh .gpu/c*
 }
 
