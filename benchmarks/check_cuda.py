@@ -27,6 +27,8 @@ from conditions import conditions, results_path, save  # noqa: E402
 
 from molmocap.export.fidelity import compare, teacher_forced_logits  # noqa: E402
 from molmocap.runtime import Captioner  # noqa: E402
+from molmocap.runtime.errors import MolmocapError  # noqa: E402
+from molmocap.runtime.sessions import providers  # noqa: E402
 
 PROMPT = "Describe this image."
 BATCH_PROMPTS = ["Describe this image.", "What shapes are in this image?", "What colors do you see?"]
@@ -73,6 +75,10 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=64)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    try:
+        providers(args.device)  # no CUDA: one line, and no results file
+    except MolmocapError as exc:
+        raise SystemExit(f"error: {exc}") from None
     out = args.out or results_path("cuda-check")
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
