@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from bench_cpu import bench_image
-from conditions import conditions, load_average, results_path, save, spread
+from conditions import conditions, failure, load_average, results_path, save, spread
 
 from molmocap import Captioner
 from molmocap.runtime.batching import DecodeBatch
@@ -358,7 +358,7 @@ def main() -> None:
         except MolmocapError as exc:
             raise SystemExit(f"error: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a device kernel that fails: recorded, and the next plan still runs
-            data["rows"].append({"model": model, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"})
+            data["rows"].append({"model": model, "error": failure(exc)})
             print(f"{model}: {data['rows'][-1]['error']}", flush=True)
             save(out, data)
             continue

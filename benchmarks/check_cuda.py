@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conditions import conditions, results_path, save  # noqa: E402
+from bench_gpu import gpu  # noqa: E402
+from conditions import conditions, failure, results_path, save  # noqa: E402
 
 from molmocap.export.fidelity import compare, teacher_forced_logits  # noqa: E402
 from molmocap.runtime import Captioner  # noqa: E402
@@ -80,17 +80,12 @@ def main() -> None:
     except MolmocapError as exc:
         raise SystemExit(f"error: {exc}") from None
     out = args.out or results_path("cuda-check")
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip()
-    except OSError:
-        gpu = None
-    data = {"meta": {**conditions("onnxruntime-gpu"), "gpu": gpu, "device": args.device}, "rows": []}
+    data = {"meta": {**conditions("onnxruntime-gpu"), "gpu": gpu(), "device": args.device}, "rows": []}
     for model in args.models:
         try:
             data["rows"].append(check(model, args.device, args.tokens, args.positions))
         except Exception as exc:  # noqa: BLE001 - a device kernel that fails: recorded, the next model still runs
-            data["rows"].append({"model": model, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"})
+            data["rows"].append({"model": model, "error": failure(exc)})
         print(json.dumps(data["rows"][-1]), flush=True)
         save(out, data)
 

@@ -86,6 +86,11 @@ def spread(values: list[float], digits: int = 4) -> dict:
             "max": round(max(values), digits), "runs": [round(v, digits) for v in values]}
 
 
+def failure(exc: BaseException) -> str:
+    """One line for a results file's row whose run failed: the exception's type and its message's first line."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:500]}"
+
+
 def cell(figure: dict, fmt: str) -> str:
     """A `spread` as "median (min-max)" for a markdown table."""
     return f"{figure['median']:{fmt}} ({figure['min']:{fmt}}-{figure['max']:{fmt}})"
